@@ -1,0 +1,23 @@
+# make setup : create .venv with Python 3.10 and install the tested stack
+# make test  : run the test suite (sets up first)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The first working python3.10: on PATH, or a pyenv install whose shim is not active.
+PYTHON310 ?= $(shell for p in python3.10 $(HOME)/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PYTEST_ARGS ?=
+
+.PHONY: setup test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py
+	@if [ ! -x $(PY) ]; then \
+	  if [ -z "$(PYTHON310)" ]; then echo "error: Python 3.10 not found (the detectron2 wheel is built for CPython 3.10); install it, e.g. 'pyenv install 3.10', or pass PYTHON310=/path/to/python3.10" >&2; exit 1; fi; \
+	  $(PYTHON310) -m venv $(VENV); fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests

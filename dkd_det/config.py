@@ -1,0 +1,48 @@
+"""The configuration keys dkd-det adds to detectron2's."""
+from detectron2.config import CfgNode as CN
+
+DISTILL_TYPES = ("DKD", "KD", "NONE")
+
+
+def add_dkd_config(cfg):
+    """Add the distillation keys to a detectron2 config (in place).
+
+    ``MODEL.DISTILL`` says how the student learns from the teacher's ROI
+    classification logits; ``MODEL.TEACHER`` says which frozen detector teaches.
+    ``DATASETS.COCO_FORMAT`` registers users' own COCO-format datasets.
+    """
+    _C = cfg
+
+    _C.MODEL.DISTILL = CN()
+    # "DKD": alpha * TCKD + beta * NCKD; "KD": classic KD (Hinton et al.);
+    # "NONE": the plain student (no teacher is built or loaded).
+    _C.MODEL.DISTILL.TYPE = "DKD"
+    # Weight of the target-class part (TCKD); DKD only.
+    _C.MODEL.DISTILL.ALPHA = 1.0
+    # Weight of the non-target-class part (NCKD); DKD only.
+    _C.MODEL.DISTILL.BETA = 0.25
+    # Softmax temperature T > 0; the loss is multiplied by T^2.
+    _C.MODEL.DISTILL.TEMPERATURE = 1.0
+    # Multiplies the whole distillation loss (loss_dkd / loss_kd).
+    _C.MODEL.DISTILL.LOSS_WEIGHT = 1.0
+    # The loss weight ramps linearly from 0 to LOSS_WEIGHT over this many
+    # iterations (0: no warm-up).
+    _C.MODEL.DISTILL.WARMUP_ITERS = 0
+
+    _C.MODEL.TEACHER = CN()
+    # The teacher's own detectron2 config: a model-zoo name such as
+    # "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml" or a path to a yaml file.
+    _C.MODEL.TEACHER.CONFIG_FILE = ""
+    # The teacher's trained weights: a path, or a URL such as detectron2://...
+    # Required: training against a random teacher is always an error.
+    _C.MODEL.TEACHER.WEIGHTS = ""
+    # Overrides merged into the teacher's config, as KEY VALUE pairs:
+    # e.g. ["MODEL.ROI_HEADS.NUM_CLASSES", "20"].
+    _C.MODEL.TEACHER.OPTS = []
+
+    # Users' own COCO-format datasets, registered by name before training:
+    # a list of (name, json_file, image_root) triples, e.g. in yaml
+    #   COCO_FORMAT: [["my_train", "data/train.json", "data/images"]]
+    # or on the command line
+    #   DATASETS.COCO_FORMAT "[('my_train','data/train.json','data/images')]"
+    _C.DATASETS.COCO_FORMAT = []
