@@ -1,1 +1,10 @@
+"""dkd-det: Decoupled Knowledge Distillation for detectron2's Faster R-CNN.
 
+Importing the package registers ``DistillationRCNN`` (META_ARCH_REGISTRY) and
+``DistillROIHeads`` (ROI_HEADS_REGISTRY).
+"""
+from . import modeling  # noqa: F401  (registers the components)
+from .config import add_dkd_config
+from .data import check_datasets, register_coco_format
+
+__all__ = ["add_dkd_config", "register_coco_format", "check_datasets"]

@@ -1,0 +1,32 @@
+"""detectron2's DefaultTrainer with COCO evaluation and dkd-det's early checks."""
+import os
+
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
+
+from ..data import check_num_classes
+from ..modeling import resolve_weights
+
+__all__ = ["Trainer"]
+
+
+class Trainer(DefaultTrainer):
+    """Trains any dkd-det or plain detectron2 config; evaluates with :class:`COCOEvaluator`."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        loader = super().build_train_loader(cfg)
+        check_num_classes(cfg)  # the dataset's classes are known once its annotations are loaded
+        return loader
+
+    def resume_or_load(self, resume=True):
+        # A missing MODEL.WEIGHTS would otherwise surface as a bare assertion.
+        if self.cfg.MODEL.WEIGHTS and not (resume and self.checkpointer.has_checkpoint()):
+            resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+        return super().resume_or_load(resume=resume)

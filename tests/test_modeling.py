@@ -1,0 +1,159 @@
+"""The distillation model: one student box-head pass, a frozen teacher outside the
+checkpoint, inference identical to vanilla detectron2, clear errors before training."""
+import copy
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from conftest import DKD_R18, R18, R50, TEACHER_OPTS, TINY, make_cfg, save_random_model
+
+
+def batch(n=2, size=96, seed=0):
+    """Inputs as detectron2's DatasetMapper makes them: CHW uint8-valued float, with boxes."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]))
+        inst.gt_classes = torch.tensor([0, 2])
+        out.append({"image": torch.randint(0, 256, (3, size, size), generator=g).float(), "instances": inst, "height": size, "width": size})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(dkd_opts):
+    torch.manual_seed(0)
+    return build_model(make_cfg(DKD_R18, *dkd_opts))
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_one_student_box_head_pass_and_no_teacher_rpn(model):
+    student_head = count_calls(model.roi_heads.box_head)
+    teacher_head = count_calls(model.teacher.roi_heads.box_head)
+    teacher_rpn = count_calls(model.teacher.proposal_generator)
+    model.train()
+    with EventStorage(0) as storage:
+        losses = model(batch())
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_dkd"}
+    assert (len(student_head), len(teacher_head), len(teacher_rpn)) == (1, 1, 0)
+    assert {"dkd/tckd", "dkd/nckd"} <= set(storage.histories())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_teacher_is_frozen_and_gradients_reach_the_student_only(model):
+    model.train()
+    assert not model.teacher.training  # train() does not reach the teacher
+    before = copy.deepcopy(model.teacher.state_dict())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for step in range(3):
+        with EventStorage(step):
+            losses = model(batch(seed=step))
+        optimizer.zero_grad()
+        losses["loss_dkd"].backward(retain_graph=True)
+        assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.teacher.parameters())
+        sum(losses.values()).backward()
+        optimizer.step()
+    after = model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert not any(p is q for p in model.parameters() for q in model.teacher.parameters())
+
+
+def test_checkpoint_is_student_only_and_loads_into_vanilla_rcnn(model, tmp_path):
+    assert not any("teacher" in k for k in model.state_dict())
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    vanilla_cfg = make_cfg(R18)  # the student's own config, without distillation
+    vanilla = build_model(vanilla_cfg)
+    assert type(vanilla) is GeneralizedRCNN
+    assert set(vanilla.state_dict()) == set(model.state_dict())
+    incompatible = DetectionCheckpointer(vanilla)._load_model(torch.load(tmp_path / "model_final.pth"))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    model.eval()
+    vanilla.eval()
+    inputs = [{"image": x["image"]} for x in batch(seed=7)]
+    with torch.no_grad():
+        ours, theirs = model(inputs), vanilla(inputs)
+    for a, b in zip(ours, theirs):
+        a, b = a["instances"], b["instances"]
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+
+def test_teacher_gets_its_own_channel_order_and_normalisation(tmp_path):
+    """An RGB, ImageNet-std student (R-18) with a BGR, caffe-style teacher (R-50)."""
+    weights = save_random_model(make_cfg(R50), str(tmp_path / "r50.pth"))
+    model = build_model(make_cfg(DKD_R18, "MODEL.TEACHER.CONFIG_FILE", R50, "MODEL.TEACHER.OPTS", repr(TINY), "MODEL.TEACHER.WEIGHTS", weights))
+    assert (model.input_format, model.teacher.input_format) == ("RGB", "BGR")
+    rgb = batch(1)[0]["image"]
+    got = model.teacher_features([{"image": rgb}])
+    image = (rgb.flip(0) - torch.tensor([103.530, 116.280, 123.675]).view(3, 1, 1)) / 1.0  # R-50: BGR, caffe mean, std 1; 96 px needs no padding
+    want = model.teacher.backbone(image[None])
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[k], want[k]) for k in got)
+
+
+def test_plain_student_type_none_builds_no_teacher():
+    model = build_model(make_cfg(DKD_R18, "MODEL.DISTILL.TYPE", "NONE"))
+    assert model.teacher is None
+    model.train()
+    with EventStorage(0):
+        assert "loss_dkd" not in model(batch())
+
+
+def test_kd_type_gives_kd_loss(dkd_opts):
+    model = build_model(make_cfg(DKD_R18, *dkd_opts, "MODEL.DISTILL.TYPE", "KD"))
+    model.train()
+    with EventStorage(0):
+        losses = model(batch())
+    assert "loss_kd" in losses and "loss_dkd" not in losses
+
+
+def test_warmup_ramps_the_loss_weight(dkd_opts):
+    model = build_model(make_cfg(DKD_R18, *dkd_opts, "MODEL.DISTILL.WARMUP_ITERS", "4"))
+    z_s, z_t, t = torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 4, (8,))
+    with EventStorage(0):
+        first = model.roi_heads.distillation_losses(z_s, z_t, t)["loss_dkd"]
+    with EventStorage(9):
+        full = model.roi_heads.distillation_losses(z_s, z_t, t)["loss_dkd"]
+    torch.testing.assert_close(first * 4, full)
+
+
+@pytest.mark.parametrize(
+    "opts, error, match",
+    [
+        (["MODEL.TEACHER.OPTS", repr(TINY + ["MODEL.ROI_HEADS.NUM_CLASSES", "5"])], ValueError, "teacher predicts 5 classes"),
+        (["MODEL.TEACHER.CONFIG_FILE", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"], TypeError, "not a\\s+two-stage R-CNN"),
+        (["MODEL.TEACHER.CONFIG_FILE", "no/such/teacher.yaml"], FileNotFoundError, "neither a file nor a detectron2 model-zoo"),
+        (["MODEL.TEACHER.CONFIG_FILE", ""], ValueError, "CONFIG_FILE is empty"),
+        (["MODEL.TEACHER.WEIGHTS", ""], ValueError, "random"),
+        (["MODEL.TEACHER.WEIGHTS", "/no/such/teacher.pth"], FileNotFoundError, "MODEL.TEACHER.WEIGHTS"),
+        (["MODEL.DISTILL.TYPE", "FITNET"], ValueError, "MODEL.DISTILL.TYPE"),
+        (["MODEL.DISTILL.TEMPERATURE", "0.0"], ValueError, "TEMPERATURE"),
+        (["MODEL.DISTILL.BETA", "-1.0"], ValueError, "BETA"),
+    ],
+)
+def test_clear_errors_before_training(teacher_weights, opts, error, match):
+    with pytest.raises(error, match=match):
+        build_model(make_cfg(DKD_R18, *TEACHER_OPTS, "MODEL.TEACHER.WEIGHTS", teacher_weights, *opts))
+
+
+def test_teacher_weights_of_another_architecture_name_the_keys(tmp_path):
+    r50 = save_random_model(make_cfg(R50), str(tmp_path / "r50.pth"))
+    with pytest.raises(ValueError, match="do not match the teacher's architecture.*(unexpected keys|shape mismatches)"):
+        build_model(make_cfg(DKD_R18, *TEACHER_OPTS, "MODEL.TEACHER.WEIGHTS", r50))
+
+
+def test_model_zoo_teacher_url_fails_clearly_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached download
+    with pytest.raises(OSError, match="copy the file here and set MODEL.TEACHER.WEIGHTS"):
+        build_model(make_cfg(DKD_R18, "MODEL.TEACHER.WEIGHTS", "https://127.0.0.1:9/no/model_final.pkl"))
