@@ -97,13 +97,15 @@ def dkd_opts(teacher_weights):
 
 
 def run_tool(script, *args, env=None, timeout=600):
-    """Run ``tools/<script>`` as users do, in a process; returns CompletedProcess (text)."""
+    """Run ``tools/<script>`` as users do, in a process; returns CompletedProcess whose
+    ``stdout`` holds stdout and stderr together (detectron2 logs to stdout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", script), *args],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=timeout,
     )

@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from dkd_det import add_dkd_config, check_datasets, register_coco_format
 from dkd_det.engine import Trainer
@@ -23,6 +24,7 @@ def setup(args):
         cfg.MODEL.DISTILL.TYPE = "NONE"  # inference is the student alone: no teacher to load
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dkd_det")
     register_coco_format(cfg)
     check_datasets(cfg)
     return cfg

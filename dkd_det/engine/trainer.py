@@ -1,7 +1,10 @@
 """detectron2's DefaultTrainer with COCO evaluation and dkd-det's early checks."""
+import contextlib
 import os
+from functools import partial
+from unittest import mock
 
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, defaults
 from detectron2.evaluation import COCOEvaluator
 
 from ..data import check_num_classes
@@ -11,7 +14,17 @@ __all__ = ["Trainer"]
 
 
 class Trainer(DefaultTrainer):
-    """Trains any dkd-det or plain detectron2 config; evaluates with :class:`COCOEvaluator`."""
+    """Trains any dkd-det or plain detectron2 config; evaluates with :class:`COCOEvaluator`.
+
+    Also trains with several processes on the CPU (``--num-gpus 2`` without a GPU uses GLOO).
+    """
+
+    def __init__(self, cfg):
+        # detectron2's DefaultTrainer always wraps the model with DDP(device_ids=[local_rank]),
+        # which DDP rejects for a CPU module; on the CPU it must be device_ids=None.
+        on_cpu = cfg.MODEL.DEVICE == "cpu"
+        with mock.patch.object(defaults, "create_ddp_model", partial(defaults.create_ddp_model, device_ids=None)) if on_cpu else contextlib.nullcontext():
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
