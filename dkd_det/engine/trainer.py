@@ -7,6 +7,7 @@ from unittest import mock
 from detectron2.engine import DefaultTrainer, defaults
 from detectron2.evaluation import COCOEvaluator
 
+from ..checkpoint import missing_weights_hint
 from ..data import check_num_classes
 from ..modeling import resolve_weights
 
@@ -41,5 +42,11 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         # A missing MODEL.WEIGHTS would otherwise surface as a bare assertion.
         if self.cfg.MODEL.WEIGHTS and not (resume and self.checkpointer.has_checkpoint()):
-            resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+            try:
+                resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+            except FileNotFoundError as e:
+                hint = missing_weights_hint(self.cfg.MODEL.WEIGHTS)
+                if not hint:
+                    raise
+                raise FileNotFoundError(f"{e}{hint}") from None
         return super().resume_or_load(resume=resume)

@@ -1,0 +1,152 @@
+"""torchvision ImageNet backbones -> detectron2's backbone weights (.pkl).
+
+The output follows detectron2's convention for third-party ImageNet weights
+(``{"model": {name: np.ndarray}, "__author__": "torchvision", "matching_heuristics": True}``,
+names as in detectron2's ``ResNet``): ``DetectionCheckpointer`` matches the names by suffix,
+so one file loads into a bare ``build_resnet_backbone`` (``res2.0.conv1.weight``) and into a
+full Faster R-CNN FPN (``backbone.bottom_up.res2.0.conv1.weight``).
+
+Each architecture is one entry of :data:`CONVERTERS`; adding e.g. MobileNetV2 means adding an
+entry with its weights enum and a function that renames its state dict to the names of the
+detectron2 backbone that will consume it.
+"""
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional
+
+import numpy as np
+import torch
+import torchvision
+
+__all__ = ["Converter", "CONVERTERS", "load_torchvision_state_dict", "convert_torchvision", "save_d2_pkl", "missing_weights_hint"]
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How to get and rename one torchvision architecture's ImageNet weights.
+
+    Attributes:
+        builder: name of the torchvision.models constructor (``"resnet18"``), used to check that
+            a state dict really is this architecture.
+        weights: the torchvision weights enum member, as ``"ResNet18_Weights.IMAGENET1K_V1"``.
+        rename: torchvision state-dict key -> detectron2 key, or None to drop the key.
+        d2_config: the detectron2 config keys the converted weights need (documentation, printed).
+    """
+
+    builder: str
+    weights: str
+    rename: Callable[[str], Optional[str]]
+    d2_config: str
+
+
+def _rename_resnet(key: str) -> Optional[str]:
+    """torchvision ResNet key -> detectron2 ``ResNet`` key (``layer1.0.bn2.weight`` ->
+    ``res2.0.conv2.norm.weight``); None for the ImageNet classifier and BN batch counters."""
+    if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+        return None
+    m = re.match(r"layer(\d)\.(.*)", key)
+    if m is None:  # the stem: conv1, bn1
+        key = "stem." + key
+    else:
+        key = f"res{int(m.group(1)) + 1}.{m.group(2)}"
+    key = re.sub(r"(^|\.)bn(\d)\.", r"\1conv\2.norm.", key)
+    key = key.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return key
+
+
+def _resnet_config(depth: int) -> str:
+    res2 = "\n    RES2_OUT_CHANNELS: 64" if depth < 50 else ""
+    return (
+        "MODEL:\n  PIXEL_MEAN: [123.675, 116.280, 103.530]\n  PIXEL_STD: [58.395, 57.120, 57.375]\n"
+        f"  RESNETS:\n    DEPTH: {depth}\n    STRIDE_IN_1X1: False{res2}\nINPUT:\n  FORMAT: \"RGB\""
+    )
+
+
+CONVERTERS: Dict[str, Converter] = {
+    f"resnet{d}": Converter(f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1", _rename_resnet, _resnet_config(d))
+    for d in (18, 34, 50, 101)
+}
+
+
+def _get_converter(arch: str) -> Converter:
+    if arch not in CONVERTERS:
+        raise ValueError(f"Unknown architecture {arch!r}; supported: {sorted(CONVERTERS)}.")
+    return CONVERTERS[arch]
+
+
+def load_torchvision_state_dict(arch: str, path: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The ImageNet weights of ``arch`` as a torchvision state dict, checked against the architecture.
+
+    Args:
+        arch: a key of :data:`CONVERTERS`, e.g. ``"resnet18"``.
+        path: a local torchvision checkpoint (a state dict, or a dict holding one under
+            ``"state_dict"`` or ``"model"``). None: torchvision's weights API, which downloads
+            into ``$TORCH_HOME`` (or uses the copy cached there).
+
+    Raises:
+        OSError: the weights cannot be downloaded (offline); the message says what to do.
+        ValueError: the file is not a state dict of ``arch``.
+    """
+    conv = _get_converter(arch)
+    if path is None:
+        weights = torchvision.models.get_weight(conv.weights)
+        try:
+            state = weights.get_state_dict(progress=True)
+        except Exception as e:  # URLError, timeouts, proxies, HTTP errors
+            raise OSError(
+                f"Could not download torchvision's {conv.weights} from {weights.url} "
+                f"({type(e).__name__}: {e}). Without internet, download that file on a machine with "
+                f"internet and pass it with --from-state-dict FILE (or place it in "
+                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})."
+            ) from e
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--from-state-dict {path!r}: no such file.")
+        state = torch.load(path, map_location="cpu")
+        for key in ("state_dict", "model"):
+            if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+                state = state[key]
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict.")
+    model = getattr(torchvision.models, conv.builder)()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"The weights{' in ' + repr(path) if path else ''} are not torchvision's {arch}: {e}") from None
+    return dict(state)
+
+
+def convert_torchvision(arch: str, state: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Rename a torchvision state dict of ``arch`` to detectron2's backbone names.
+
+    Returns:
+        {detectron2 name: float32/int numpy array of the same shape}, classifier dropped.
+    """
+    conv = _get_converter(arch)
+    out = {}
+    for key, value in state.items():
+        new = conv.rename(key)
+        if new is not None:
+            out[new] = value.detach().cpu().numpy()
+    return out
+
+
+def save_d2_pkl(model: Dict[str, np.ndarray], path: str) -> None:
+    """Write ``model`` as detectron2 reads third-party ImageNet weights (name matching by suffix)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({"model": model, "__author__": "torchvision", "matching_heuristics": True}, f)
+
+
+def missing_weights_hint(path: str) -> str:
+    """For a missing ``R-<depth>-torchvision.pkl``, the command that creates it; else ``""``."""
+    m = re.fullmatch(r"R-(\d+)-torchvision\.pkl", os.path.basename(path))
+    if m is None or f"resnet{m.group(1)}" not in CONVERTERS:
+        return ""
+    return (
+        f" It is torchvision's ImageNet ResNet-{m.group(1)} in detectron2's format; create it with "
+        f"`python tools/convert_torchvision_to_d2.py --arch resnet{m.group(1)} {path}` "
+        "(add --from-state-dict FILE offline)."
+    )

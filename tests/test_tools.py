@@ -1,0 +1,235 @@
+"""tools/demo.py, tools/export_student.py and tools/convert_torchvision_to_d2.py, run as
+users run them (processes), on generated images and random-init weights."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import DKD_R18, NUM_CLASSES, TINY, make_cfg, run_tool, save_random_model
+
+# The distillation config made tiny; the teacher's weights point nowhere: inference and
+# export must never load the teacher.
+NO_TEACHER = ["MODEL.TEACHER.WEIGHTS", "/no/teacher.pth"]
+
+
+@pytest.fixture(scope="module")
+def student_weights(tmp_path_factory):
+    """A random-init student of configs/COCO/dkd_r101_r18.yaml, as training saves it."""
+    cfg = make_cfg(DKD_R18, "MODEL.DISTILL.TYPE", "NONE")
+    return save_random_model(cfg, str(tmp_path_factory.mktemp("student") / "model_final.pth"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, student_weights, dkd_opts, dataset_opts):
+    """tools/export_student.py's output folder and its stdout."""
+    out = str(tmp_path_factory.mktemp("exported"))
+    run = run_tool(
+        "export_student.py", "--config-file", DKD_R18, "--weights", student_weights, "--output", out,
+        *TINY, *dkd_opts, *dataset_opts,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    return out, run.stdout
+
+
+def test_demo_skips_a_corrupt_image_and_fails(tmp_path, tiny_data, student_weights, dataset_opts):
+    val_json, val_root = tiny_data["val"]
+    images = tmp_path / "images"
+    images.mkdir()
+    names = sorted(os.listdir(val_root))[:2]
+    for name in names:
+        shutil.copy(os.path.join(val_root, name), images / name)
+    with open(os.path.join(val_root, names[0]), "rb") as f:
+        (images / "corrupt.png").write_bytes(f.read()[:200])  # a truncated PNG
+    out = tmp_path / "out"
+
+    run = run_tool(
+        "demo.py", "--config-file", DKD_R18, "--input", str(images), "--output", str(out),
+        "--confidence-threshold", "0.0",
+        "--opts", *TINY, *NO_TEACHER, *dataset_opts, "MODEL.WEIGHTS", student_weights,
+    )
+    assert run.returncode != 0, run.stdout[-3000:]
+    assert f"{images / 'corrupt.png'}: cannot read the image" in run.stdout
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        assert f"{images / name}: " in run.stdout and " detections in " in run.stdout
+        original = cv2.imread(str(images / name))
+        drawn = cv2.imread(str(out / name))
+        assert drawn.shape == original.shape
+        assert not np.array_equal(drawn, original)  # detections were drawn
+
+
+def test_demo_missing_weights_is_an_error_before_any_work(tmp_path, tiny_data):
+    out = tmp_path / "out"
+    run = run_tool(
+        "demo.py", "--config-file", DKD_R18, "--input", tiny_data["val"][1], "--output", str(out),
+        "--opts", *TINY, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"),
+    )
+    assert run.returncode != 0
+    assert f"MODEL.WEIGHTS = '{tmp_path / 'missing.pth'}': no such file" in run.stdout
+    assert not out.exists()
+
+    run = run_tool("demo.py", "--config-file", str(tmp_path / "nope.yaml"), "--input", tiny_data["val"][1], "--output", str(out))
+    assert run.returncode != 0
+    assert "nope.yaml': no such file" in run.stdout
+    assert not out.exists()
+
+
+def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opts, dataset_opts, tiny_data, tmp_path):
+    out, stdout = exported
+    assert sorted(os.listdir(out)) == ["config.yaml", "metadata.json", "model_final.pth"]
+    text = open(os.path.join(out, "config.yaml")).read()
+    for key in ("DISTILL", "TEACHER", "COCO_FORMAT", "DistillationRCNN", "DistillROIHeads"):
+        assert key not in text
+    assert "student: " in stdout and "teacher: " in stdout and stdout.count(" MB, ") == 2
+    with open(os.path.join(out, "metadata.json")) as f:
+        assert len(json.load(f)["thing_classes"]) == NUM_CLASSES
+
+    # Vanilla detectron2, in a process that never imports dkd_det.
+    images = [os.path.join(tiny_data["val"][1], n) for n in sorted(os.listdir(tiny_data["val"][1]))[:2]]
+    result = str(tmp_path / "vanilla.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, cv2, torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.engine import DefaultPredictor
+        from detectron2.modeling import build_model
+        cfg = get_cfg()
+        cfg.merge_from_file({os.path.join(out, 'config.yaml')!r})
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+        assert type(model).__name__ == "GeneralizedRCNN" and type(model.roi_heads).__name__ == "StandardROIHeads"
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        predictor = DefaultPredictor(cfg)
+        res = []
+        for path in {images!r}:
+            inst = predictor(cv2.imread(path))["instances"]
+            res.append((inst.pred_boxes.tensor, inst.scores, inst.pred_classes))
+        torch.save(res, {result!r})
+        assert not any(m.startswith("dkd_det") for m in sys.modules), "dkd_det was imported"
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vanilla = torch.load(result)
+
+    # The distillation model, teacher included, in inference.
+    from detectron2.engine import DefaultPredictor
+
+    torch.set_num_threads(2)
+    predictor = DefaultPredictor(make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.WEIGHTS", student_weights))
+    assert predictor.model.teacher is not None
+    for path, (boxes, scores, classes) in zip(images, vanilla):
+        inst = predictor(cv2.imread(path))["instances"]
+        assert len(inst) > 0
+        # Same weights, same code path, same thread count: bit-identical.
+        assert torch.equal(inst.pred_boxes.tensor, boxes)
+        assert torch.equal(inst.scores, scores)
+        assert torch.equal(inst.pred_classes, classes)
+
+
+def test_demo_on_a_video_with_the_exported_student(exported, tiny_data, tmp_path):
+    out_dir, _ = exported
+    frames = [cv2.imread(os.path.join(tiny_data["val"][1], n)) for n in sorted(os.listdir(tiny_data["val"][1]))]
+    frames = (frames * 2)[:5]
+    video = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (96, 96))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+    run = run_tool(
+        "demo.py", "--config-file", os.path.join(out_dir, "config.yaml"), "--video-input", video,
+        "--output", str(tmp_path / "out"), "--confidence-threshold", "0.0", "--opts", "MODEL.DEVICE", "cpu",
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "5 frames in" in run.stdout
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "clip.avi"))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    assert count == 5
+
+
+def _randomise_bn(model):
+    """Non-trivial BN statistics, so that a wrongly mapped norm layer shows in the outputs."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    torch.manual_seed(depth)
+    tv = getattr(torchvision.models, f"resnet{depth}")().eval()
+    _randomise_bn(tv)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    pkl = str(tmp_path / f"R-{depth}-torchvision.pkl")
+    run = run_tool("convert_torchvision_to_d2.py", "--arch", f"resnet{depth}", pkl, "--from-state-dict", str(tmp_path / "tv.pth"))
+    assert run.returncode == 0, run.stdout[-3000:]
+    with open(pkl, "rb") as f:
+        data = pickle.load(f)
+    assert data["__author__"] == "torchvision" and data["matching_heuristics"] is True
+    assert not any(k.startswith("fc.") for k in data["model"])
+
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    DetectionCheckpointer(backbone).load(pkl)
+
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ours = backbone(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i in range(1, 5):
+            y = getattr(tv, f"layer{i}")(y)
+            torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
+
+
+def test_converter_offline_fails_clearly(tmp_path):
+    # An empty cache and an unreachable proxy: no download, online or not.
+    proxy = "http://127.0.0.1:9"
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "HTTP_PROXY": proxy}
+    run = run_tool("convert_torchvision_to_d2.py", "--arch", "resnet18", str(tmp_path / "r18.pkl"), env=env)
+    assert run.returncode != 0
+    assert "Could not download torchvision's ResNet18_Weights.IMAGENET1K_V1" in run.stdout
+    assert "--from-state-dict FILE" in run.stdout
+    assert "Traceback" not in run.stdout
+    assert not (tmp_path / "r18.pkl").exists()
+
+
+def test_missing_r18_weights_name_the_converter(tmp_path, dataset_opts):
+    from dkd_det.data import register_coco_format
+    from dkd_det.engine import Trainer
+
+    missing = str(tmp_path / "weights" / "R-18-torchvision.pkl")
+    cfg = make_cfg(os.path.join(os.path.dirname(DKD_R18), "faster_rcnn_r18_fpn.yaml"), *dataset_opts, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", str(tmp_path))
+    register_coco_format(cfg)
+    trainer = Trainer(cfg)
+    with pytest.raises(FileNotFoundError, match=r"convert_torchvision_to_d2\.py --arch resnet18 .*R-18-torchvision\.pkl"):
+        trainer.resume_or_load(resume=False)
