@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import DKD_R18, NUM_CLASSES, TINY, make_cfg, run_tool, save_random_model
+from conftest import DKD_R18, NUM_CLASSES, R18, TINY, make_cfg, run_tool, save_random_model
 
 # The distillation config made tiny; the teacher's weights point nowhere: inference and
 # export must never load the teacher.
@@ -210,6 +210,14 @@ def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
             y = getattr(tv, f"layer{i}")(y)
             torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
 
+    if depth == 18:  # the very file configs/COCO/faster_rcnn_r18_fpn.yaml expects, in its whole detector
+        from detectron2.modeling import build_model
+
+        model = build_model(make_cfg(R18))
+        DetectionCheckpointer(model).load(pkl)
+        for name, value in backbone.state_dict().items():
+            torch.testing.assert_close(model.backbone.bottom_up.state_dict()[name], value, rtol=0, atol=0)
+
 
 def test_converter_offline_fails_clearly(tmp_path):
     # An empty cache and an unreachable proxy: no download, online or not.
@@ -228,7 +236,7 @@ def test_missing_r18_weights_name_the_converter(tmp_path, dataset_opts):
     from dkd_det.engine import Trainer
 
     missing = str(tmp_path / "weights" / "R-18-torchvision.pkl")
-    cfg = make_cfg(os.path.join(os.path.dirname(DKD_R18), "faster_rcnn_r18_fpn.yaml"), *dataset_opts, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", str(tmp_path))
+    cfg = make_cfg(R18, *dataset_opts, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", str(tmp_path))
     register_coco_format(cfg)
     trainer = Trainer(cfg)
     with pytest.raises(FileNotFoundError, match=r"convert_torchvision_to_d2\.py --arch resnet18 .*R-18-torchvision\.pkl"):
