@@ -1,5 +1,6 @@
 # make setup : create .venv with Python 3.10 and install the tested stack
 # make test  : run the test suite (sets up first)
+# make demo  : the embedded default on synthetic data (QUICK=1: toy size)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The first working python3.10: on PATH, or a pyenv install whose shim is not active.
@@ -7,7 +8,7 @@ PYTHON310 ?= $(shell for p in python3.10 $(HOME)/.pyenv/versions/3.10*/bin/pytho
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 PYTEST_ARGS ?=
 
-.PHONY: setup test
+.PHONY: setup test demo
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py
@@ -21,3 +22,6 @@ $(VENV)/.installed: requirements.txt setup.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	$(PY) -m dkd_det.demo_pipeline $(if $(QUICK),--quick)
