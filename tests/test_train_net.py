@@ -85,4 +85,5 @@ def test_two_processes_on_the_cpu(tmp_path, dkd_opts, dataset_opts):
     )
     assert run.returncode == 0, run.stdout[-3000:]
     assert "copypaste: AP,AP50" in run.stdout
+    assert "Teacher unchanged by training and identical on 2 rank(s)" in run.stdout
     assert not any("teacher" in k or k.startswith("module.") for k in torch.load(os.path.join(out, "model_final.pth"))["model"])

@@ -5,7 +5,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["register_coco_format", "check_datasets", "check_num_classes"]
+__all__ = ["register_coco_format", "check_datasets", "check_num_classes", "check_images"]
 
 _BUILTIN_HINT = (
     "detectron2's builtin COCO datasets are read from $DETECTRON2_DATASETS (now {root!r}), laid out "
@@ -56,3 +56,16 @@ def check_num_classes(cfg) -> None:
                 f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set it to {len(classes)} (and use a teacher "
                 "trained on the same classes)."
             )
+
+
+def check_images(dataset_dicts, names) -> None:
+    """Every image that the annotations of ``names`` list (``file_name`` of each record of
+    ``dataset_dicts``) must exist on disk."""
+    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(dataset_dicts)} images listed in the annotations of {list(names)} "
+            f"are missing, e.g. {missing[:3]}. Check the image root (the third item of "
+            "DATASETS.COCO_FORMAT, or $DETECTRON2_DATASETS for builtin datasets) and that the "
+            "images were copied completely."
+        )
