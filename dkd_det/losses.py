@@ -39,6 +39,58 @@ def _check(logits_student: torch.Tensor, logits_teacher: torch.Tensor) -> None:
         )
 
 
+class _DecoupledKD(torch.autograd.Function):
+    """TCKD and NCKD per batch (means, times T^2) with a closed-form gradient.
+
+    Autograd through the formulas would keep about ten (N, C) intermediates alive until
+    backward; this keeps none (only per-region scalars) and recomputes the two softmaxes in
+    backward, in place. With ``p`` the student's softmax at temperature T, ``p_hat`` its
+    renormalised non-target part, ``b_t`` the teacher's target probability and ``q_hat``
+    the teacher's non-target distribution, the gradients with respect to the student's
+    logits are (times T / N):
+
+    * d TCKD = p - b_t * onehot(t) - (1 - b_t) * p_hat
+    * d NCKD = p_hat - q_hat            (both zero-padded at the target class)
+    """
+
+    @staticmethod
+    def forward(ctx, logits_student, logits_teacher, target, temperature):
+        is_target = F.one_hot(target, logits_student.shape[1]).bool()
+        index = target[:, None]
+        log_p = F.log_softmax(logits_student.float() / temperature, dim=1)
+        log_q = F.log_softmax(logits_teacher.float() / temperature, dim=1)
+        # log(1 - p_t) as the logsumexp of the non-target log-probs: exact even when p_t ~ 1.
+        log_nt_s = torch.logsumexp(log_p.masked_fill(is_target, float("-inf")), dim=1, keepdim=True)
+        log_nt_t = torch.logsumexp(log_q.masked_fill(is_target, float("-inf")), dim=1, keepdim=True)
+        log_p_t, log_q_t = log_p.gather(1, index), log_q.gather(1, index)
+        tckd = log_q_t.exp() * (log_q_t - log_p_t) + log_nt_t.exp() * (log_nt_t - log_nt_s)
+        # NCKD = sum_j q_hat_j (log q_hat_j - log p_hat_j) = sum_j q_hat_j (log q_j - log p_j) - (log_nt_t - log_nt_s)
+        diff = log_q - log_p
+        q_hat = log_q.sub_(log_nt_t).exp_().masked_fill_(is_target, 0.0)
+        nckd = (diff.mul_(q_hat)).sum(dim=1, keepdim=True) - (log_nt_t - log_nt_s)
+        ctx.save_for_backward(logits_student, logits_teacher, target, log_nt_s, log_nt_t, log_q_t)
+        ctx.temperature = temperature
+        scale = temperature**2
+        return tckd.mean() * scale, nckd.mean() * scale
+
+    @staticmethod
+    def backward(ctx, grad_tckd, grad_nckd):
+        logits_student, logits_teacher, target, log_nt_s, log_nt_t, log_q_t = ctx.saved_tensors
+        temperature = ctx.temperature
+        is_target = F.one_hot(target, logits_student.shape[1]).bool()
+        b_t = log_q_t.exp()
+        grad = F.log_softmax(logits_student.float() / temperature, dim=1)
+        p_hat = (grad - log_nt_s).exp_().masked_fill_(is_target, 0.0)
+        grad.exp_()  # p
+        grad.addcmul_(p_hat, 1.0 - b_t, value=-1.0).scatter_add_(1, target[:, None], -b_t)
+        grad.mul_(grad_tckd)
+        q_hat = F.log_softmax(logits_teacher.float() / temperature, dim=1)
+        q_hat.sub_(log_nt_t).exp_().masked_fill_(is_target, 0.0)
+        grad.add_(p_hat.sub_(q_hat).mul_(grad_nckd))
+        grad.mul_(temperature / logits_student.shape[0])
+        return grad.to(logits_student.dtype), None, None, None
+
+
 def decoupled_kd(
     logits_student: torch.Tensor,
     logits_teacher: torch.Tensor,
@@ -65,29 +117,11 @@ def decoupled_kd(
     n, c = logits_student.shape
     if c < 2:
         raise ValueError(f"DKD needs at least 2 classes (target and non-target), got {c}")
+    if n == 0:
+        zero = logits_student.float().sum() * 0.0
+        return zero, zero
     with torch.autocast(device_type=logits_student.device.type, enabled=False):
-        z_s = logits_student.float() / temperature
-        z_t = logits_teacher.detach().float() / temperature
-        is_target = F.one_hot(target.long(), c).bool()
-        # The C-1 non-target logits of each row, in their original order.
-        z_s_nt = z_s[~is_target].view(n, c - 1)
-        z_t_nt = z_t[~is_target].view(n, c - 1)
-
-        def binary_log_probs(z, z_nt):
-            # log [p_t, 1 - p_t], with log(1 - p_t) = logsumexp of the non-target log-probs:
-            # exact even when p_t rounds to 1.
-            log_norm = torch.logsumexp(z, dim=1, keepdim=True)
-            log_p_t = z.gather(1, target.long()[:, None]) - log_norm
-            log_p_nt = torch.logsumexp(z_nt, dim=1, keepdim=True) - log_norm
-            return torch.cat([log_p_t, log_p_nt], dim=1)
-
-        tckd = _kl_from_log_probs(binary_log_probs(z_t, z_t_nt), binary_log_probs(z_s, z_s_nt))
-        nckd = _kl_from_log_probs(F.log_softmax(z_t_nt, dim=1), F.log_softmax(z_s_nt, dim=1))
-        scale = temperature**2
-        if n == 0:
-            zero = z_s.sum() * 0.0
-            return zero, zero
-        return tckd.mean() * scale, nckd.mean() * scale
+        return _DecoupledKD.apply(logits_student, logits_teacher.detach(), target.long(), float(temperature))
 
 
 def dkd_loss(

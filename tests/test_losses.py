@@ -130,3 +130,19 @@ def test_bad_arguments_are_clear_errors():
         dkd_loss(z_s, z_t, target, temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         kd_loss(z_s, z_t, temperature=-1.0)
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_gradient_matches_autograd_of_the_float64_reference(T, scale):
+    """The closed-form backward against autograd through the paper's formulas, for any
+    weighting of the two parts."""
+    z_s, z_t, target = random_case(n=48, c=7, scale=scale, seed=int(10 * T + scale))
+    ref_s = z_s.double().requires_grad_(True)
+    ref_t, ref_n = reference_parts(ref_s, z_t.double(), target, T)
+    z_s.requires_grad_(True)
+    tckd, nckd = decoupled_kd(z_s, z_t, target, T)
+    for a, b in ((1.0, 0.0), (0.0, 1.0), (0.7, 8.0)):
+        (want,) = torch.autograd.grad(a * ref_t + b * ref_n, ref_s, retain_graph=True)
+        (got,) = torch.autograd.grad(a * tckd + b * nckd, z_s, retain_graph=True)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * max(1.0, scale))
