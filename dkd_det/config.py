@@ -10,6 +10,7 @@ def add_dkd_config(cfg):
     ``MODEL.DISTILL`` says how the student learns from the teacher's ROI
     classification logits; ``MODEL.TEACHER`` says which frozen detector teaches.
     ``DATASETS.COCO_FORMAT`` registers users' own COCO-format datasets.
+    ``MODEL.MOBILENET`` configures the MobileNetV2 backbone (``build_mobilenet_v2_fpn_backbone``).
     """
     _C = cfg
 
@@ -46,3 +47,16 @@ def add_dkd_config(cfg):
     # or on the command line
     #   DATASETS.COCO_FORMAT "[('my_train','data/train.json','data/images')]"
     _C.DATASETS.COCO_FORMAT = []
+
+    # MobileNetV2 (dkd_det/modeling/backbone/mobilenet_v2.py), used when MODEL.BACKBONE.NAME
+    # is "build_mobilenet_v2_fpn_backbone" or "build_mobilenet_v2_backbone".
+    _C.MODEL.MOBILENET = CN()
+    # Outputs, a subset of "m2", "m3", "m4", "m5" (strides 4, 8, 16, 32; 24, 32, 96 and 320
+    # channels) and "last" (stride 32, 1280 channels: the final 1x1 conv of the classifier net).
+    _C.MODEL.MOBILENET.OUT_FEATURES = ["m2", "m3", "m4", "m5"]
+    # The norm of every conv: "FrozenBN" (fixed ImageNet statistics, as RESNETS.NORM),
+    # "BN" (per-GPU batch statistics) or "SyncBN" (statistics across GPUs).
+    _C.MODEL.MOBILENET.NORM = "FrozenBN"
+    # Stages frozen (no gradient, FrozenBN) from the input on, counted as stem, m2, m3, m4,
+    # m5: 0 trains everything, 2 freezes the stem and m2 (like BACKBONE.FREEZE_AT for ResNet).
+    _C.MODEL.MOBILENET.FREEZE_AT = 2
