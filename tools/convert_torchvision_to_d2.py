@@ -3,6 +3,7 @@
 
     python tools/convert_torchvision_to_d2.py --arch resnet18 weights/R-18-torchvision.pkl
     python tools/convert_torchvision_to_d2.py --arch resnet50 r50.pkl --from-state-dict resnet50-0676ba61.pth
+    python tools/convert_torchvision_to_d2.py --arch mobilenet_v2 weights/MobileNetV2-torchvision.pkl
 """
 import argparse
 import sys

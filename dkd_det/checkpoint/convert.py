@@ -6,9 +6,9 @@ names as in detectron2's ``ResNet``): ``DetectionCheckpointer`` matches the name
 so one file loads into a bare ``build_resnet_backbone`` (``res2.0.conv1.weight``) and into a
 full Faster R-CNN FPN (``backbone.bottom_up.res2.0.conv1.weight``).
 
-Each architecture is one entry of :data:`CONVERTERS`; adding e.g. MobileNetV2 means adding an
-entry with its weights enum and a function that renames its state dict to the names of the
-detectron2 backbone that will consume it.
+Each architecture is one entry of :data:`CONVERTERS`: its weights enum and a function that
+renames its state dict to the names of the detectron2 backbone that will consume it
+(ResNet-18/34/50/101 -> detectron2's ``ResNet``; MobileNetV2 -> ``dkd_det.modeling.MobileNetV2``).
 """
 import os
 import pickle
@@ -33,12 +33,17 @@ class Converter:
         weights: the torchvision weights enum member, as ``"ResNet18_Weights.IMAGENET1K_V1"``.
         rename: torchvision state-dict key -> detectron2 key, or None to drop the key.
         d2_config: the detectron2 config keys the converted weights need (documentation, printed).
+        file_name: where the configs of configs/COCO expect the converted file (basename),
+            e.g. ``"R-18-torchvision.pkl"``; named in the error when it is missing.
+        title: the architecture's name for people, e.g. ``"ResNet-18"``.
     """
 
     builder: str
     weights: str
     rename: Callable[[str], Optional[str]]
     d2_config: str
+    file_name: str = ""
+    title: str = ""
 
 
 def _rename_resnet(key: str) -> Optional[str]:
@@ -64,9 +69,55 @@ def _resnet_config(depth: int) -> str:
     )
 
 
+# torchvision's InvertedResidual: conv.{0,1,2,3} are (expansion conv+BN, depthwise conv+BN,
+# projection conv, projection BN); without the expansion (expand ratio 1, features.1) the
+# indices shift down by one. The stem and the last 1x1 (features.0, .18) are conv, BN at 0, 1.
+_MV2_EXPANDED = {"conv.0.0.": "expand.", "conv.0.1.": "expand.norm.", "conv.1.0.": "depthwise.",
+                 "conv.1.1.": "depthwise.norm.", "conv.2.": "project.", "conv.3.": "project.norm."}
+_MV2_NOT_EXPANDED = {"conv.0.0.": "depthwise.", "conv.0.1.": "depthwise.norm.", "conv.1.": "project.",
+                     "conv.2.": "project.norm."}
+
+
+def _rename_mobilenet_v2(key: str) -> Optional[str]:
+    """torchvision MobileNetV2 key -> ``dkd_det.modeling.MobileNetV2`` key
+    (``features.2.conv.1.1.weight`` -> ``features.2.depthwise.norm.weight``); None for the
+    ImageNet classifier and BN batch counters."""
+    if key.startswith("classifier.") or key.endswith("num_batches_tracked"):
+        return None
+    m = re.fullmatch(r"features\.(\d+)\.(.*)", key)
+    if m is None:
+        raise KeyError(f"Unexpected key in a torchvision MobileNetV2 state dict: {key!r}")
+    index, rest = int(m.group(1)), m.group(2)
+    if index in (0, 18):
+        table = {"0.": "conv.", "1.": "conv.norm."}
+    else:
+        table = _MV2_NOT_EXPANDED if index == 1 else _MV2_EXPANDED
+    for old, new in table.items():
+        if rest.startswith(old):
+            return f"features.{index}.{new}{rest[len(old):]}"
+    raise KeyError(f"Unexpected key in a torchvision MobileNetV2 state dict: {key!r}")
+
+
+_MOBILENET_V2_CONFIG = (
+    "MODEL:\n  BACKBONE:\n    NAME: \"build_mobilenet_v2_fpn_backbone\"\n"
+    "  MOBILENET:\n    OUT_FEATURES: [\"m2\", \"m3\", \"m4\", \"m5\"]\n"
+    "  FPN:\n    IN_FEATURES: [\"m2\", \"m3\", \"m4\", \"m5\"]\n"
+    "  PIXEL_MEAN: [123.675, 116.280, 103.530]\n  PIXEL_STD: [58.395, 57.120, 57.375]\n"
+    "INPUT:\n  FORMAT: \"RGB\"\n(as in configs/COCO/faster_rcnn_mv2_fpn.yaml)"
+)
+
 CONVERTERS: Dict[str, Converter] = {
-    f"resnet{d}": Converter(f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1", _rename_resnet, _resnet_config(d))
-    for d in (18, 34, 50, 101)
+    **{
+        f"resnet{d}": Converter(
+            f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1", _rename_resnet, _resnet_config(d),
+            file_name=f"R-{d}-torchvision.pkl", title=f"ResNet-{d}",
+        )
+        for d in (18, 34, 50, 101)
+    },
+    "mobilenet_v2": Converter(
+        "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1", _rename_mobilenet_v2, _MOBILENET_V2_CONFIG,
+        file_name="MobileNetV2-torchvision.pkl", title="MobileNetV2",
+    ),
 }
 
 
@@ -141,12 +192,13 @@ def save_d2_pkl(model: Dict[str, np.ndarray], path: str) -> None:
 
 
 def missing_weights_hint(path: str) -> str:
-    """For a missing ``R-<depth>-torchvision.pkl``, the command that creates it; else ``""``."""
-    m = re.fullmatch(r"R-(\d+)-torchvision\.pkl", os.path.basename(path))
-    if m is None or f"resnet{m.group(1)}" not in CONVERTERS:
-        return ""
-    return (
-        f" It is torchvision's ImageNet ResNet-{m.group(1)} in detectron2's format; create it with "
-        f"`python tools/convert_torchvision_to_d2.py --arch resnet{m.group(1)} {path}` "
-        "(add --from-state-dict FILE offline)."
-    )
+    """For a missing converted file (``R-18-torchvision.pkl``, ``MobileNetV2-torchvision.pkl``,
+    any :attr:`Converter.file_name`), the command that creates it; else ``""``."""
+    for arch, conv in CONVERTERS.items():
+        if conv.file_name and os.path.basename(path) == conv.file_name:
+            return (
+                f" It is torchvision's ImageNet {conv.title} in detectron2's format; create it with "
+                f"`python tools/convert_torchvision_to_d2.py --arch {arch} {path}` "
+                "(add --from-state-dict FILE offline)."
+            )
+    return ""
