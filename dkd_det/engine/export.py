@@ -47,6 +47,10 @@ def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
         node[path[-1]] = names.get(node[path[-1]], node[path[-1]])
     for node, key in ((plain.MODEL, "DISTILL"), (plain.MODEL, "TEACHER"), (plain.DATASETS, "COCO_FORMAT")):
         node.pop(key, None)
+    # dkd-det's MobileNetV2 keys: meaningless for detectron2's own backbones. A MobileNetV2
+    # student keeps them (and needs `import dkd_det` to load), so _check_keys names them.
+    if "mobilenet" not in plain.MODEL.BACKBONE.NAME:
+        plain.MODEL.pop("MOBILENET", None)
     plain.MODEL.WEIGHTS = weights
     _check_keys(plain, get_cfg())
     plain.freeze()
