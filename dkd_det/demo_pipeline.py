@@ -92,17 +92,19 @@ def _set_colours(cfg, num_classes: int) -> None:
         MetadataCatalog.get(name).set(thing_colors=colours)
 
 
-def train(cfg) -> None:
+def train(cfg) -> Dict[str, float]:
     """Train one model with the product's Trainer (as tools/train_net.py does), seeded with
-    ``cfg.SEED`` so that reruns give the same model."""
+    ``cfg.SEED`` so that reruns give the same model; returns the COCO box AP (percent) of the
+    evaluation that detectron2 runs at the end of training."""
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
+    return dict(trainer._last_eval_results["bbox"])
 
 
 def evaluate(cfg) -> Dict[str, float]:
-    """COCO box AP on the validation split (COCOEvaluator, pycocotools); values in percent."""
+    """COCO box AP (percent) of a trained model on the validation split (COCOEvaluator)."""
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
     return dict(Trainer.test(cfg, model)["bbox"])
@@ -248,23 +250,25 @@ def run(output: str, data_dir: str, quick: bool = False, retrain_teacher: bool =
     num_classes = next(iter(cfgs.values())).MODEL.ROI_HEADS.NUM_CLASSES
     _set_colours(next(iter(cfgs.values())), num_classes)
 
+    aps = {}
     for i, (name, _) in enumerate(MODELS):
         cfg = cfgs[name]
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if i == 0 and os.path.isfile(final) and not retrain_teacher:
             _say(f"{2 + i}/{n_stages} {name}: reusing {final}")
+            aps[name] = evaluate(cfg)
             continue
         _say(f"{2 + i}/{n_stages} training {name}: {cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}")
         t = time.time()
-        train(cfg)
-        _say(f"{name} trained in {(time.time() - t) / 60:.1f} min")
+        aps[name] = train(cfg)
+        _say(f"{name} trained and evaluated in {(time.time() - t) / 60:.1f} min: {aps[name]['AP']:.2f} AP")
 
-    _say(f"{2 + len(MODELS)}/{n_stages} evaluating (COCO AP) and timing inference")
+    _say(f"{2 + len(MODELS)}/{n_stages} timing inference")
     records = DatasetCatalog.get(cfgs[MODELS[0][0]].DATASETS.TEST[0])
     rows, models = [], {}
     for name, _ in MODELS:
         cfg = cfgs[name]
-        ap = evaluate(cfg)
+        ap = aps[name]
         models[name] = load_student_only(cfg)
         rows.append(
             {

@@ -30,7 +30,7 @@ def test_quick_demo_writes_the_four_files_and_prints_the_table(quick_demo):
     report = json.loads((out / "outputs" / "report.json").read_text())
     assert [m["model"] for m in report["models"]] == ["teacher R-50-FPN", "student R-18-FPN", "KD R-50 -> R-18", "DKD R-50 -> R-18"]
     assert "| model | parameters | AP |" in stdout  # the table is printed at the end
-    for stage in ("data:", "training teacher R-50-FPN", "training DKD R-50 -> R-18", "evaluating"):
+    for stage in ("data:", "training teacher R-50-FPN", "training DKD R-50 -> R-18", "timing inference"):
         assert stage in stdout
     teacher, student = report["models"][0], report["models"][1]
     assert teacher["parameters"] > student["parameters"]
