@@ -21,12 +21,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from .config import add_dkd_config
+from .config import get_dkd_cfg
 from .losses import dkd_loss
 from .modeling import get_teacher_cfg
 
@@ -102,10 +101,7 @@ def peak_mib(fn: Callable[[], None], device: str) -> float:
 
 
 def _cfg(config_file: str, opts: List[str]):
-    cfg = get_cfg()
-    add_dkd_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, config_file))
-    cfg.merge_from_list(opts)
+    cfg = get_dkd_cfg(os.path.join(ROOT, config_file), opts)
     cfg.freeze()
     return cfg
 

@@ -1,5 +1,8 @@
 """The configuration keys dkd-det adds to detectron2's."""
+import os
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 DISTILL_TYPES = ("DKD", "KD", "NONE")
 
@@ -60,3 +63,15 @@ def add_dkd_config(cfg):
     # Stages frozen (no gradient, FrozenBN) from the input on, counted as stem, m2, m3, m4,
     # m5: 0 trains everything, 2 freezes the stem and m2 (like BACKBONE.FREEZE_AT for ResNet).
     _C.MODEL.MOBILENET.FREEZE_AT = 2
+
+
+def get_dkd_cfg(config_file: str, opts=()) -> CN:
+    """detectron2's defaults plus dkd-det's keys, ``config_file`` merged, then ``opts``
+    (KEY VALUE pairs); not frozen. A missing file is a FileNotFoundError that names it."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r}: no such file.")
+    cfg = get_cfg()
+    add_dkd_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg

@@ -63,6 +63,20 @@ def save_random_model(cfg, path):
     return path
 
 
+@torch.no_grad()
+def randomise_bn(model):
+    """Non-trivial BN statistics and affine terms, so that a misplaced or wrongly mapped norm
+    layer shows in the outputs."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """{split: (json_file, image_root)} of a 3-class synthetic COCO-format dataset."""

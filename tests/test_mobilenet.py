@@ -13,7 +13,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from detectron2.structures import ImageList
 
-from conftest import R50, ROOT, TINY, make_cfg, run_tool, save_random_model
+from conftest import R50, ROOT, TINY, make_cfg, randomise_bn, run_tool, save_random_model
 from dkd_det.checkpoint import missing_weights_hint
 from dkd_det.modeling import MobileNetV2
 
@@ -22,18 +22,6 @@ DKD_MV2 = os.path.join(ROOT, "configs/COCO/dkd_r50_mv2.yaml")
 ALL = ["m2", "m3", "m4", "m5", "last"]
 # Output -> (index of the torchvision block it follows, stride, channels).
 EXPECTED = {"m2": (3, 4, 24), "m3": (6, 8, 32), "m4": (13, 16, 96), "m5": (17, 32, 320), "last": (18, 32, 1280)}
-
-
-def _randomise_bn(model):
-    """Non-trivial BN statistics and affine terms, so that a misplaced norm shows in the outputs."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +63,7 @@ def test_fpn_on_a_padded_image_list():
 def test_converted_torchvision_mobilenet_v2_reproduces_its_features(tmp_path):
     torch.manual_seed(0)
     tv = torchvision.models.mobilenet_v2(weights=None).eval()
-    _randomise_bn(tv)
+    randomise_bn(tv)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     pkl = str(tmp_path / "MobileNetV2-torchvision.pkl")
     run = run_tool("convert_torchvision_to_d2.py", "--arch", "mobilenet_v2", pkl, "--from-state-dict", str(tmp_path / "tv.pth"))

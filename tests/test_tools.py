@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import DKD_R18, NUM_CLASSES, R18, TINY, make_cfg, run_tool, save_random_model
+from conftest import DKD_R18, NUM_CLASSES, R18, TINY, make_cfg, randomise_bn, run_tool, save_random_model
 
 # The distillation config made tiny; the teacher's weights point nowhere: inference and
 # export must never load the teacher.
@@ -161,18 +161,6 @@ def test_demo_on_a_video_with_the_exported_student(exported, tiny_data, tmp_path
     assert count == 5
 
 
-def _randomise_bn(model):
-    """Non-trivial BN statistics, so that a wrongly mapped norm layer shows in the outputs."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("depth", [18, 50])
 def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
@@ -182,7 +170,7 @@ def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
 
     torch.manual_seed(depth)
     tv = getattr(torchvision.models, f"resnet{depth}")().eval()
-    _randomise_bn(tv)
+    randomise_bn(tv)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     pkl = str(tmp_path / f"R-{depth}-torchvision.pkl")
     run = run_tool("convert_torchvision_to_d2.py", "--arch", f"resnet{depth}", pkl, "--from-state-dict", str(tmp_path / "tv.pth"))

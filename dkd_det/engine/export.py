@@ -11,7 +11,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
-from ..config import add_dkd_config
+from ..config import get_dkd_cfg
 from ..modeling import resolve_weights
 from .inference import METADATA_FILE, dataset_metadata
 
@@ -77,12 +77,7 @@ def load_student(config_file: str, weights: Optional[str] = None, opts=()) -> Tu
         FileNotFoundError: missing config or weights.
         ValueError: the checkpoint does not fit the student (a partly random export would be wrong).
     """
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r}: no such file.")
-    cfg = get_cfg()
-    add_dkd_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_dkd_cfg(config_file, opts)
     if weights is not None:
         cfg.MODEL.WEIGHTS = weights
     if not cfg.MODEL.WEIGHTS:

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
@@ -24,7 +24,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from tqdm import tqdm
 
-from ..config import add_dkd_config
+from ..config import get_dkd_cfg
 from ..data import register_coco_format
 from ..modeling import resolve_weights
 
@@ -58,12 +58,7 @@ def setup_inference_cfg(config_file: str, opts: Sequence[str] = (), confidence_t
     Args:
         confidence_threshold: if given, the minimum score (0..1) of the detections kept.
     """
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r}: no such file.")
-    cfg = get_cfg()
-    add_dkd_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_dkd_cfg(config_file, opts)
     cfg.MODEL.DISTILL.TYPE = "NONE"  # inference is the student alone: no teacher to load
     if confidence_threshold is not None:
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
