@@ -7,7 +7,10 @@ DKD, the teacher's forward alone, inference latency, and the DKD loss itself.
 
 Models have random weights (the teacher's are saved and loaded through the real strict
 loading path); inputs are random images with a few boxes, the same for every variant.
-Memory is the peak of tensor memory during one step: ``torch.cuda.max_memory_allocated``
+Random weights make the RPN's NMS keep an arbitrary number of boxes (a few for one model, a
+thousand for another), which would price the ROI heads arbitrarily: the benchmark turns RPN
+NMS off, so that every model processes exactly POST_NMS_TOPK proposals, as trained models
+about do. Memory is the peak of tensor memory during one step: ``torch.cuda.max_memory_allocated``
 on a GPU; on the CPU, the running peak of the allocations torch's profiler records.
 """
 import argparse
@@ -120,7 +123,7 @@ def _inputs(batch: int, height: int, width: int, num_classes: int, seed: int = 0
 
 def benchmark_pair(config_file: str, args, workdir: str) -> Dict[str, float]:
     """Times and memory of one teacher -> student pair; keys in ms and MiB."""
-    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(args.rois)] + (TOY_OPTS if args.toy else [])
+    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(args.rois), "MODEL.RPN.NMS_THRESH", "1.0"] + (TOY_OPTS if args.toy else [])
     teacher_opts = opts + ["MODEL.TEACHER.OPTS", repr(opts)]
     # A random teacher in detectron2's checkpoint format, loaded back through the strict path.
     teacher_file = os.path.join(workdir, "teacher.pth")
