@@ -207,16 +207,17 @@ def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
             torch.testing.assert_close(model.backbone.bottom_up.state_dict()[name], value, rtol=0, atol=0)
 
 
-def test_converter_offline_fails_clearly(tmp_path):
+@pytest.mark.parametrize("arch, weights", [("resnet18", "ResNet18_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights")])
+def test_converter_offline_fails_clearly(tmp_path, arch, weights):
     # An empty cache and an unreachable proxy: no download, online or not.
     proxy = "http://127.0.0.1:9"
     env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "HTTP_PROXY": proxy}
-    run = run_tool("convert_torchvision_to_d2.py", "--arch", "resnet18", str(tmp_path / "r18.pkl"), env=env)
+    run = run_tool("convert_torchvision_to_d2.py", "--arch", arch, str(tmp_path / "out.pkl"), env=env)
     assert run.returncode != 0
-    assert "Could not download torchvision's ResNet18_Weights.IMAGENET1K_V1" in run.stdout
+    assert f"Could not download torchvision's {weights}.IMAGENET1K_V1" in run.stdout
     assert "--from-state-dict FILE" in run.stdout
     assert "Traceback" not in run.stdout
-    assert not (tmp_path / "r18.pkl").exists()
+    assert not (tmp_path / "out.pkl").exists()
 
 
 def test_missing_r18_weights_name_the_converter(tmp_path, dataset_opts):
