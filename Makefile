@@ -1,5 +1,6 @@
 # make setup : create .venv with Python 3.10 and install the tested stack
-# make test  : run the test suite (sets up first)
+# make test  : run the test suite (sets up first); make test-fast: without the slow tests
+# make lint  : black, isort and flake8 at line length 100 (settings: pyproject.toml, setup.cfg)
 # make demo  : the embedded default on synthetic data (QUICK=1: toy size)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,8 +8,9 @@ PY     := $(VENV)/bin/python
 PYTHON310 ?= $(shell for p in python3.10 $(HOME)/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 PYTEST_ARGS ?=
+LINTED := dkd_det tools tests setup.py
 
-.PHONY: setup test demo
+.PHONY: setup test test-fast lint demo
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py
@@ -23,5 +25,13 @@ $(VENV)/.installed: requirements.txt setup.py
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+lint: setup
+	$(PY) -m black --check --quiet $(LINTED)
+	$(PY) -m isort --check-only --quiet $(LINTED)
+	$(PY) -m flake8 $(LINTED)
+
 demo: setup
-	$(PY) -m dkd_det.demo_pipeline $(if $(QUICK),--quick)
+	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick)

@@ -1,4 +1,5 @@
 """dkd-det: Decoupled Knowledge Distillation for detectron2 object detectors."""
+
 from setuptools import find_packages, setup
 
 setup(

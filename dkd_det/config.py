@@ -1,10 +1,13 @@
 """The configuration keys dkd-det adds to detectron2's."""
+
 import os
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 DISTILL_TYPES = ("DKD", "KD", "NONE")
+
+__all__ = ["DISTILL_TYPES", "add_dkd_config", "get_dkd_cfg", "student_cfg"]
 
 
 def add_dkd_config(cfg):
@@ -65,13 +68,28 @@ def add_dkd_config(cfg):
     _C.MODEL.MOBILENET.FREEZE_AT = 2
 
 
-def get_dkd_cfg(config_file: str, opts=()) -> CN:
+def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
     """detectron2's defaults plus dkd-det's keys, ``config_file`` merged, then ``opts``
-    (KEY VALUE pairs); not frozen. A missing file is a FileNotFoundError that names it."""
+    (KEY VALUE pairs); not frozen. The one way dkd-det assembles a config, the teacher's
+    included. A missing file is a FileNotFoundError that names it and ``key``, the option or
+    config key it came from."""
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r}: no such file.")
+        raise FileNotFoundError(f"{key} {config_file!r}: no such file.")
     cfg = get_cfg()
     add_dkd_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def student_cfg(cfg: CN) -> CN:
+    """The student alone: a copy of ``cfg`` (dkd-det or plain detectron2) whose teacher is
+    never built or loaded (``MODEL.DISTILL.TYPE NONE``), for evaluation, inference and export.
+    The copy is frozen if ``cfg`` was. The one place that switches distillation off."""
+    out = cfg.clone()
+    frozen = out.is_frozen()
+    out.defrost()
+    out.MODEL.DISTILL.TYPE = "NONE"
+    if frozen:
+        out.freeze()
+    return out

@@ -17,6 +17,7 @@ autocast disabled: no probability is ever passed to ``log``, so the losses are
 finite and exact for logits of any finite size (the reference implementation
 overflows at logit scale ~20), and half-precision inputs are upcast.
 """
+
 from typing import Tuple
 
 import torch
@@ -64,7 +65,8 @@ class _DecoupledKD(torch.autograd.Function):
         log_nt_t = torch.logsumexp(log_q.masked_fill(is_target, float("-inf")), dim=1, keepdim=True)
         log_p_t, log_q_t = log_p.gather(1, index), log_q.gather(1, index)
         tckd = log_q_t.exp() * (log_q_t - log_p_t) + log_nt_t.exp() * (log_nt_t - log_nt_s)
-        # NCKD = sum_j q_hat_j (log q_hat_j - log p_hat_j) = sum_j q_hat_j (log q_j - log p_j) - (log_nt_t - log_nt_s)
+        # NCKD = sum_j q_hat_j (log q_hat_j - log p_hat_j)
+        #      = sum_j q_hat_j (log q_j - log p_j) - (log_nt_t - log_nt_s)
         diff = log_q - log_p
         q_hat = log_q.sub_(log_nt_t).exp_().masked_fill_(is_target, 0.0)
         nckd = (diff.mul_(q_hat)).sum(dim=1, keepdim=True) - (log_nt_t - log_nt_s)
@@ -121,7 +123,9 @@ def decoupled_kd(
         zero = logits_student.float().sum() * 0.0
         return zero, zero
     with torch.autocast(device_type=logits_student.device.type, enabled=False):
-        return _DecoupledKD.apply(logits_student, logits_teacher.detach(), target.long(), float(temperature))
+        return _DecoupledKD.apply(
+            logits_student, logits_teacher.detach(), target.long(), float(temperature)
+        )
 
 
 def dkd_loss(

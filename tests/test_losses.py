@@ -1,5 +1,4 @@
 """The distillation losses against an independent float64 reading of the formulas."""
-import math
 
 import pytest
 import torch
@@ -18,10 +17,15 @@ def reference_parts(z_s, z_t, target, T):
         ps, pt = torch.exp(zs - zs.max()), torch.exp(zt - zt.max())
         ps, pt = ps / ps.sum(), pt / pt.sum()
         others = [j for j in range(len(zs)) if j != t]
+
         # log(1 - p_t) as log of a sum of the others: 1 - p_t loses everything when p_t ~ 1.
         def log_nt(z):
             m = z[others].max()
-            return m + torch.log(torch.exp(z[others] - m).sum()) - (z.max() + torch.log(torch.exp(z - z.max()).sum()))
+            return (
+                m
+                + torch.log(torch.exp(z[others] - m).sum())
+                - (z.max() + torch.log(torch.exp(z - z.max()).sum()))
+            )
 
         def log_pt(z):
             return z[t] - (z.max() + torch.log(torch.exp(z - z.max()).sum()))
@@ -58,7 +62,9 @@ def test_parts_match_float64_reference(T, scale):
     torch.testing.assert_close(tckd.double(), ref_t, **tol)
     torch.testing.assert_close(nckd.double(), ref_n, **tol)
     torch.testing.assert_close(
-        dkd_loss(z_s, z_t, target, alpha=1.0, beta=8.0, temperature=T).double(), ref_t + 8.0 * ref_n, **tol
+        dkd_loss(z_s, z_t, target, alpha=1.0, beta=8.0, temperature=T).double(),
+        ref_t + 8.0 * ref_n,
+        **tol,
     )
 
 
@@ -70,7 +76,10 @@ def test_kd_is_tckd_plus_teacher_weighted_nckd_per_region():
         tckd, nckd = decoupled_kd(z_s[i : i + 1], z_t[i : i + 1], target[i : i + 1], T)
         p_t = F.softmax(z_t[i] / T, dim=0)[target[i]]
         torch.testing.assert_close(
-            kd_loss(z_s[i : i + 1], z_t[i : i + 1], T), tckd + (1 - p_t) * nckd, rtol=1e-4, atol=1e-6
+            kd_loss(z_s[i : i + 1], z_t[i : i + 1], T),
+            tckd + (1 - p_t) * nckd,
+            rtol=1e-4,
+            atol=1e-6,
         )
 
 
@@ -78,7 +87,13 @@ def test_kd_matches_float64_kl():
     z_s, z_t, _ = random_case(scale=5.0, seed=4)
     for T in (1.0, 3.0):
         p_t = F.softmax(z_t.double() / T, 1)
-        ref = (p_t * (F.log_softmax(z_t.double() / T, 1) - F.log_softmax(z_s.double() / T, 1))).sum(1).mean() * T * T
+        ref = (
+            (p_t * (F.log_softmax(z_t.double() / T, 1) - F.log_softmax(z_s.double() / T, 1)))
+            .sum(1)
+            .mean()
+            * T
+            * T
+        )
         torch.testing.assert_close(kd_loss(z_s, z_t, T).double(), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """The distillation model: one student box-head pass, a frozen teacher outside the
 checkpoint, inference identical to vanilla detectron2, clear errors before training."""
+
 import copy
 
 import pytest
@@ -9,7 +10,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import DKD_R18, R18, R50, TEACHER_OPTS, TINY, make_cfg, save_random_model
+from helpers import DKD_R18, R18, R50, TEACHER_OPTS, TINY, make_cfg, save_random_model
 
 
 def batch(n=2, size=96, seed=0):
@@ -20,7 +21,14 @@ def batch(n=2, size=96, seed=0):
         inst = Instances((size, size))
         inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]))
         inst.gt_classes = torch.tensor([0, 2])
-        out.append({"image": torch.randint(0, 256, (3, size, size), generator=g).float(), "instances": inst, "height": size, "width": size})
+        out.append(
+            {
+                "image": torch.randint(0, 256, (3, size, size), generator=g).float(),
+                "instances": inst,
+                "height": size,
+                "width": size,
+            }
+        )
     return out
 
 
@@ -76,8 +84,14 @@ def test_checkpoint_is_student_only_and_loads_into_vanilla_rcnn(model, tmp_path)
     vanilla = build_model(vanilla_cfg)
     assert type(vanilla) is GeneralizedRCNN
     assert set(vanilla.state_dict()) == set(model.state_dict())
-    incompatible = DetectionCheckpointer(vanilla)._load_model(torch.load(tmp_path / "model_final.pth"))
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    incompatible = DetectionCheckpointer(vanilla)._load_model(
+        torch.load(tmp_path / "model_final.pth")
+    )
+    assert (
+        not incompatible.missing_keys
+        and not incompatible.unexpected_keys
+        and not incompatible.incorrect_shapes
+    )
     model.eval()
     vanilla.eval()
     inputs = [{"image": x["image"]} for x in batch(seed=7)]
@@ -92,11 +106,23 @@ def test_checkpoint_is_student_only_and_loads_into_vanilla_rcnn(model, tmp_path)
 def test_teacher_gets_its_own_channel_order_and_normalisation(tmp_path):
     """An RGB, ImageNet-std student (R-18) with a BGR, caffe-style teacher (R-50)."""
     weights = save_random_model(make_cfg(R50), str(tmp_path / "r50.pth"))
-    model = build_model(make_cfg(DKD_R18, "MODEL.TEACHER.CONFIG_FILE", R50, "MODEL.TEACHER.OPTS", repr(TINY), "MODEL.TEACHER.WEIGHTS", weights))
+    model = build_model(
+        make_cfg(
+            DKD_R18,
+            "MODEL.TEACHER.CONFIG_FILE",
+            R50,
+            "MODEL.TEACHER.OPTS",
+            repr(TINY),
+            "MODEL.TEACHER.WEIGHTS",
+            weights,
+        )
+    )
     assert (model.input_format, model.teacher.input_format) == ("RGB", "BGR")
     rgb = batch(1)[0]["image"]
     got = model.teacher_features([{"image": rgb}])
-    image = (rgb.flip(0) - torch.tensor([103.530, 116.280, 123.675]).view(3, 1, 1)) / 1.0  # R-50: BGR, caffe mean, std 1; 96 px needs no padding
+    image = (
+        rgb.flip(0) - torch.tensor([103.530, 116.280, 123.675]).view(3, 1, 1)
+    ) / 1.0  # R-50: BGR, caffe mean, std 1; 96 px needs no padding
     want = model.teacher.backbone(image[None])
     assert got.keys() == want.keys()
     assert all(torch.allclose(got[k], want[k]) for k in got)
@@ -131,12 +157,28 @@ def test_warmup_ramps_the_loss_weight(dkd_opts):
 @pytest.mark.parametrize(
     "opts, error, match",
     [
-        (["MODEL.TEACHER.OPTS", repr(TINY + ["MODEL.ROI_HEADS.NUM_CLASSES", "5"])], ValueError, "teacher predicts 5 classes"),
-        (["MODEL.TEACHER.CONFIG_FILE", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"], TypeError, "not a\\s+two-stage R-CNN"),
-        (["MODEL.TEACHER.CONFIG_FILE", "no/such/teacher.yaml"], FileNotFoundError, "neither a file nor a detectron2 model-zoo"),
+        (
+            ["MODEL.TEACHER.OPTS", repr(TINY + ["MODEL.ROI_HEADS.NUM_CLASSES", "5"])],
+            ValueError,
+            "teacher predicts 5 classes",
+        ),
+        (
+            ["MODEL.TEACHER.CONFIG_FILE", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"],
+            TypeError,
+            "not a\\s+two-stage R-CNN",
+        ),
+        (
+            ["MODEL.TEACHER.CONFIG_FILE", "no/such/teacher.yaml"],
+            FileNotFoundError,
+            "neither a file nor a detectron2 model-zoo",
+        ),
         (["MODEL.TEACHER.CONFIG_FILE", ""], ValueError, "CONFIG_FILE is empty"),
         (["MODEL.TEACHER.WEIGHTS", ""], ValueError, "random"),
-        (["MODEL.TEACHER.WEIGHTS", "/no/such/teacher.pth"], FileNotFoundError, "MODEL.TEACHER.WEIGHTS"),
+        (
+            ["MODEL.TEACHER.WEIGHTS", "/no/such/teacher.pth"],
+            FileNotFoundError,
+            "MODEL.TEACHER.WEIGHTS",
+        ),
         (["MODEL.DISTILL.TYPE", "FITNET"], ValueError, "MODEL.DISTILL.TYPE"),
         (["MODEL.DISTILL.TEMPERATURE", "0.0"], ValueError, "TEMPERATURE"),
         (["MODEL.DISTILL.BETA", "-1.0"], ValueError, "BETA"),
@@ -144,16 +186,26 @@ def test_warmup_ramps_the_loss_weight(dkd_opts):
 )
 def test_clear_errors_before_training(teacher_weights, opts, error, match):
     with pytest.raises(error, match=match):
-        build_model(make_cfg(DKD_R18, *TEACHER_OPTS, "MODEL.TEACHER.WEIGHTS", teacher_weights, *opts))
+        build_model(
+            make_cfg(DKD_R18, *TEACHER_OPTS, "MODEL.TEACHER.WEIGHTS", teacher_weights, *opts)
+        )
 
 
 def test_teacher_weights_of_another_architecture_name_the_keys(tmp_path):
     r50 = save_random_model(make_cfg(R50), str(tmp_path / "r50.pth"))
-    with pytest.raises(ValueError, match="do not match the teacher's architecture.*(unexpected keys|shape mismatches)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            "MODEL.TEACHER.WEIGHTS = .* does not match the model's architecture"
+            ".*(unexpected keys|shape mismatches)"
+        ),
+    ):
         build_model(make_cfg(DKD_R18, *TEACHER_OPTS, "MODEL.TEACHER.WEIGHTS", r50))
 
 
 def test_model_zoo_teacher_url_fails_clearly_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no cached download
     with pytest.raises(OSError, match="copy the file here and set MODEL.TEACHER.WEIGHTS"):
-        build_model(make_cfg(DKD_R18, "MODEL.TEACHER.WEIGHTS", "https://127.0.0.1:9/no/model_final.pkl"))
+        build_model(
+            make_cfg(DKD_R18, "MODEL.TEACHER.WEIGHTS", "https://127.0.0.1:9/no/model_final.pkl")
+        )

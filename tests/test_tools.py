@@ -1,5 +1,6 @@
 """tools/demo.py, tools/export_student.py and tools/convert_torchvision_to_d2.py, run as
 users run them (processes), on generated images and random-init weights."""
+
 import json
 import os
 import pickle
@@ -14,7 +15,16 @@ import pytest
 import torch
 import torchvision
 
-from conftest import DKD_R18, NUM_CLASSES, R18, TINY, make_cfg, randomise_bn, run_tool, save_random_model
+from helpers import (
+    DKD_R18,
+    NUM_CLASSES,
+    R18,
+    TINY,
+    make_cfg,
+    randomise_bn,
+    run_tool,
+    save_random_model,
+)
 
 # The distillation config made tiny; the teacher's weights point nowhere: inference and
 # export must never load the teacher.
@@ -33,13 +43,22 @@ def exported(tmp_path_factory, student_weights, dkd_opts, dataset_opts):
     """tools/export_student.py's output folder and its stdout."""
     out = str(tmp_path_factory.mktemp("exported"))
     run = run_tool(
-        "export_student.py", "--config-file", DKD_R18, "--weights", student_weights, "--output", out,
-        *TINY, *dkd_opts, *dataset_opts,
+        "export_student.py",
+        "--config-file",
+        DKD_R18,
+        "--weights",
+        student_weights,
+        "--output",
+        out,
+        *TINY,
+        *dkd_opts,
+        *dataset_opts,
     )
     assert run.returncode == 0, run.stdout[-3000:]
     return out, run.stdout
 
 
+@pytest.mark.slow
 def test_demo_skips_a_corrupt_image_and_fails(tmp_path, tiny_data, student_weights, dataset_opts):
     val_json, val_root = tiny_data["val"]
     images = tmp_path / "images"
@@ -52,9 +71,21 @@ def test_demo_skips_a_corrupt_image_and_fails(tmp_path, tiny_data, student_weigh
     out = tmp_path / "out"
 
     run = run_tool(
-        "demo.py", "--config-file", DKD_R18, "--input", str(images), "--output", str(out),
-        "--confidence-threshold", "0.0",
-        "--opts", *TINY, *NO_TEACHER, *dataset_opts, "MODEL.WEIGHTS", student_weights,
+        "demo.py",
+        "--config-file",
+        DKD_R18,
+        "--input",
+        str(images),
+        "--output",
+        str(out),
+        "--confidence-threshold",
+        "0.0",
+        "--opts",
+        *TINY,
+        *NO_TEACHER,
+        *dataset_opts,
+        "MODEL.WEIGHTS",
+        student_weights,
     )
     assert run.returncode != 0, run.stdout[-3000:]
     assert f"{images / 'corrupt.png'}: cannot read the image" in run.stdout
@@ -67,23 +98,44 @@ def test_demo_skips_a_corrupt_image_and_fails(tmp_path, tiny_data, student_weigh
         assert not np.array_equal(drawn, original)  # detections were drawn
 
 
+@pytest.mark.slow
 def test_demo_missing_weights_is_an_error_before_any_work(tmp_path, tiny_data):
     out = tmp_path / "out"
     run = run_tool(
-        "demo.py", "--config-file", DKD_R18, "--input", tiny_data["val"][1], "--output", str(out),
-        "--opts", *TINY, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"),
+        "demo.py",
+        "--config-file",
+        DKD_R18,
+        "--input",
+        tiny_data["val"][1],
+        "--output",
+        str(out),
+        "--opts",
+        *TINY,
+        "MODEL.WEIGHTS",
+        str(tmp_path / "missing.pth"),
     )
     assert run.returncode != 0
     assert f"MODEL.WEIGHTS = '{tmp_path / 'missing.pth'}': no such file" in run.stdout
     assert not out.exists()
 
-    run = run_tool("demo.py", "--config-file", str(tmp_path / "nope.yaml"), "--input", tiny_data["val"][1], "--output", str(out))
+    run = run_tool(
+        "demo.py",
+        "--config-file",
+        str(tmp_path / "nope.yaml"),
+        "--input",
+        tiny_data["val"][1],
+        "--output",
+        str(out),
+    )
     assert run.returncode != 0
     assert "nope.yaml': no such file" in run.stdout
     assert not out.exists()
 
 
-def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opts, dataset_opts, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_exported_student_is_plain_detectron2(
+    exported, student_weights, dkd_opts, dataset_opts, tiny_data, tmp_path
+):
     out, stdout = exported
     assert sorted(os.listdir(out)) == ["config.yaml", "metadata.json", "model_final.pth"]
     text = open(os.path.join(out, "config.yaml")).read()
@@ -94,10 +146,11 @@ def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opt
         assert len(json.load(f)["thing_classes"]) == NUM_CLASSES
 
     # Vanilla detectron2, in a process that never imports dkd_det.
-    images = [os.path.join(tiny_data["val"][1], n) for n in sorted(os.listdir(tiny_data["val"][1]))[:2]]
+    images = [
+        os.path.join(tiny_data["val"][1], n) for n in sorted(os.listdir(tiny_data["val"][1]))[:2]
+    ]
     result = str(tmp_path / "vanilla.pt")
-    script = textwrap.dedent(
-        f"""
+    script = textwrap.dedent(f"""
         import sys, cv2, torch
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
@@ -107,7 +160,8 @@ def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opt
         cfg.merge_from_file({os.path.join(out, 'config.yaml')!r})
         cfg.MODEL.DEVICE = "cpu"
         model = build_model(cfg)
-        assert type(model).__name__ == "GeneralizedRCNN" and type(model.roi_heads).__name__ == "StandardROIHeads"
+        assert type(model).__name__ == "GeneralizedRCNN"
+        assert type(model.roi_heads).__name__ == "StandardROIHeads"
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         predictor = DefaultPredictor(cfg)
         res = []
@@ -116,10 +170,11 @@ def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opt
             res.append((inst.pred_boxes.tensor, inst.scores, inst.pred_classes))
         torch.save(res, {result!r})
         assert not any(m.startswith("dkd_det") for m in sys.modules), "dkd_det was imported"
-        """
-    )
+        """)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     vanilla = torch.load(result)
 
@@ -127,7 +182,9 @@ def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opt
     from detectron2.engine import DefaultPredictor
 
     torch.set_num_threads(2)
-    predictor = DefaultPredictor(make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.WEIGHTS", student_weights))
+    predictor = DefaultPredictor(
+        make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.WEIGHTS", student_weights)
+    )
     assert predictor.model.teacher is not None
     for path, (boxes, scores, classes) in zip(images, vanilla):
         inst = predictor(cv2.imread(path))["instances"]
@@ -138,9 +195,13 @@ def test_exported_student_is_plain_detectron2(exported, student_weights, dkd_opt
         assert torch.equal(inst.pred_classes, classes)
 
 
+@pytest.mark.slow
 def test_demo_on_a_video_with_the_exported_student(exported, tiny_data, tmp_path):
     out_dir, _ = exported
-    frames = [cv2.imread(os.path.join(tiny_data["val"][1], n)) for n in sorted(os.listdir(tiny_data["val"][1]))]
+    frames = [
+        cv2.imread(os.path.join(tiny_data["val"][1], n))
+        for n in sorted(os.listdir(tiny_data["val"][1]))
+    ]
     frames = (frames * 2)[:5]
     video = str(tmp_path / "clip.avi")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (96, 96))
@@ -149,8 +210,18 @@ def test_demo_on_a_video_with_the_exported_student(exported, tiny_data, tmp_path
     writer.release()
 
     run = run_tool(
-        "demo.py", "--config-file", os.path.join(out_dir, "config.yaml"), "--video-input", video,
-        "--output", str(tmp_path / "out"), "--confidence-threshold", "0.0", "--opts", "MODEL.DEVICE", "cpu",
+        "demo.py",
+        "--config-file",
+        os.path.join(out_dir, "config.yaml"),
+        "--video-input",
+        video,
+        "--output",
+        str(tmp_path / "out"),
+        "--confidence-threshold",
+        "0.0",
+        "--opts",
+        "MODEL.DEVICE",
+        "cpu",
     )
     assert run.returncode == 0, run.stdout[-3000:]
     assert "5 frames in" in run.stdout
@@ -161,6 +232,7 @@ def test_demo_on_a_video_with_the_exported_student(exported, tiny_data, tmp_path
     assert count == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [18, 50])
 def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
@@ -173,7 +245,14 @@ def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
     randomise_bn(tv)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     pkl = str(tmp_path / f"R-{depth}-torchvision.pkl")
-    run = run_tool("convert_torchvision_to_d2.py", "--arch", f"resnet{depth}", pkl, "--from-state-dict", str(tmp_path / "tv.pth"))
+    run = run_tool(
+        "convert_torchvision_to_d2.py",
+        "--arch",
+        f"resnet{depth}",
+        pkl,
+        "--from-state-dict",
+        str(tmp_path / "tv.pth"),
+    )
     assert run.returncode == 0, run.stdout[-3000:]
     with open(pkl, "rb") as f:
         data = pickle.load(f)
@@ -198,21 +277,36 @@ def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
             y = getattr(tv, f"layer{i}")(y)
             torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
 
-    if depth == 18:  # the very file configs/COCO/faster_rcnn_r18_fpn.yaml expects, in its whole detector
+    if (
+        depth == 18
+    ):  # the very file configs/COCO/faster_rcnn_r18_fpn.yaml expects, in its whole detector
         from detectron2.modeling import build_model
 
         model = build_model(make_cfg(R18))
         DetectionCheckpointer(model).load(pkl)
         for name, value in backbone.state_dict().items():
-            torch.testing.assert_close(model.backbone.bottom_up.state_dict()[name], value, rtol=0, atol=0)
+            torch.testing.assert_close(
+                model.backbone.bottom_up.state_dict()[name], value, rtol=0, atol=0
+            )
 
 
-@pytest.mark.parametrize("arch, weights", [("resnet18", "ResNet18_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights")])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, weights", [("resnet18", "ResNet18_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights")]
+)
 def test_converter_offline_fails_clearly(tmp_path, arch, weights):
     # An empty cache and an unreachable proxy: no download, online or not.
     proxy = "http://127.0.0.1:9"
-    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "HTTP_PROXY": proxy}
-    run = run_tool("convert_torchvision_to_d2.py", "--arch", arch, str(tmp_path / "out.pkl"), env=env)
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": proxy,
+        "HTTPS_PROXY": proxy,
+        "http_proxy": proxy,
+        "HTTP_PROXY": proxy,
+    }
+    run = run_tool(
+        "convert_torchvision_to_d2.py", "--arch", arch, str(tmp_path / "out.pkl"), env=env
+    )
     assert run.returncode != 0
     assert f"Could not download torchvision's {weights}.IMAGENET1K_V1" in run.stdout
     assert "--from-state-dict FILE" in run.stdout
@@ -228,5 +322,8 @@ def test_missing_r18_weights_name_the_converter(tmp_path, dataset_opts):
     cfg = make_cfg(R18, *dataset_opts, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", str(tmp_path))
     register_coco_format(cfg)
     trainer = Trainer(cfg)
-    with pytest.raises(FileNotFoundError, match=r"convert_torchvision_to_d2\.py --arch resnet18 .*R-18-torchvision\.pkl"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"convert_torchvision_to_d2\.py --arch resnet18 .*R-18-torchvision\.pkl",
+    ):
         trainer.resume_or_load(resume=False)

@@ -1,4 +1,5 @@
 """End-to-end: tools/train_net.py as users run it, on a tiny COCO-format dataset."""
+
 import json
 import os
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 
-from conftest import DKD_R18, R18, TINY, make_cfg, run_tool
+from helpers import DKD_R18, R18, TINY, make_cfg, run_tool
+
+# Every test here starts processes.
+pytestmark = pytest.mark.slow
 
 TRAIN = ["--config-file", DKD_R18]
 
@@ -32,8 +36,14 @@ def test_train_evaluate_resume(tmp_path, dkd_opts, dataset_opts):
 
     # Evaluation is the student alone: it never needs the teacher's weights.
     ev = run_tool(
-        "train_net.py", "--eval-only", *TRAIN, *common,
-        "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "MODEL.TEACHER.WEIGHTS", "/no/teacher.pth",
+        "train_net.py",
+        "--eval-only",
+        *TRAIN,
+        *common,
+        "MODEL.WEIGHTS",
+        os.path.join(out, "model_final.pth"),
+        "MODEL.TEACHER.WEIGHTS",
+        "/no/teacher.pth",
     )
     assert ev.returncode == 0, ev.stdout[-3000:]
     assert "Evaluation results for bbox" in ev.stdout
@@ -50,14 +60,29 @@ def test_train_evaluate_resume(tmp_path, dkd_opts, dataset_opts):
 
 def test_plain_student_config_trains(tmp_path, dataset_opts):
     out = str(tmp_path / "plain")
-    run = run_tool("train_net.py", "--config-file", R18, *TINY, *dataset_opts, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2")
+    run = run_tool(
+        "train_net.py",
+        "--config-file",
+        R18,
+        *TINY,
+        *dataset_opts,
+        "OUTPUT_DIR",
+        out,
+        "SOLVER.MAX_ITER",
+        "2",
+    )
     assert run.returncode == 0, run.stdout[-3000:]
     assert "loss_dkd" not in last_training_metrics(out)
 
 
 def test_missing_builtin_coco_names_the_expected_path(tmp_path, dkd_opts):
     run = run_tool(
-        "train_net.py", *TRAIN, *TINY, *dkd_opts, "OUTPUT_DIR", str(tmp_path),
+        "train_net.py",
+        *TRAIN,
+        *TINY,
+        *dkd_opts,
+        "OUTPUT_DIR",
+        str(tmp_path),
         env={"DETECTRON2_DATASETS": str(tmp_path / "nowhere")},
     )
     assert run.returncode != 0
@@ -66,12 +91,14 @@ def test_missing_builtin_coco_names_the_expected_path(tmp_path, dkd_opts):
 
 
 def test_dataset_class_count_must_match_the_student(dkd_opts, dataset_opts, tmp_path):
-    from dkd_det.engine import Trainer
     from dkd_det.data import register_coco_format
+    from dkd_det.engine import Trainer
 
     cfg = make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.ROI_HEADS.NUM_CLASSES", "4")
     register_coco_format(cfg)
-    with pytest.raises(ValueError, match="'tiny_train' has 3 classes but MODEL.ROI_HEADS.NUM_CLASSES is 4"):
+    with pytest.raises(
+        ValueError, match="'tiny_train' has 3 classes but MODEL.ROI_HEADS.NUM_CLASSES is 4"
+    ):
         Trainer.build_train_loader(cfg)
     assert MetadataCatalog.get("tiny_train").thing_classes[0] == "red-square"
 
@@ -80,10 +107,24 @@ def test_two_processes_on_the_cpu(tmp_path, dkd_opts, dataset_opts):
     """--num-gpus 2 without a GPU: two GLOO processes, DDP on the CPU."""
     out = str(tmp_path / "ddp")
     run = run_tool(
-        "train_net.py", "--num-gpus", "2", *TRAIN, *TINY, *dkd_opts, *dataset_opts,
-        "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "4",
+        "train_net.py",
+        "--num-gpus",
+        "2",
+        *TRAIN,
+        *TINY,
+        *dkd_opts,
+        *dataset_opts,
+        "OUTPUT_DIR",
+        out,
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
     )
     assert run.returncode == 0, run.stdout[-3000:]
     assert "copypaste: AP,AP50" in run.stdout
     assert "Teacher unchanged by training and identical on 2 rank(s)" in run.stdout
-    assert not any("teacher" in k or k.startswith("module.") for k in torch.load(os.path.join(out, "model_final.pth"))["model"])
+    assert not any(
+        "teacher" in k or k.startswith("module.")
+        for k in torch.load(os.path.join(out, "model_final.pth"))["model"]
+    )

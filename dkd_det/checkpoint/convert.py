@@ -10,6 +10,7 @@ Each architecture is one entry of :data:`CONVERTERS`: its weights enum and a fun
 renames its state dict to the names of the detectron2 backbone that will consume it
 (ResNet-18/34/50/101 -> detectron2's ``ResNet``; MobileNetV2 -> ``dkd_det.modeling.MobileNetV2``).
 """
+
 import os
 import pickle
 import re
@@ -20,7 +21,14 @@ import numpy as np
 import torch
 import torchvision
 
-__all__ = ["Converter", "CONVERTERS", "load_torchvision_state_dict", "convert_torchvision", "save_d2_pkl", "missing_weights_hint"]
+__all__ = [
+    "Converter",
+    "CONVERTERS",
+    "load_torchvision_state_dict",
+    "convert_torchvision",
+    "save_d2_pkl",
+    "missing_weights_hint",
+]
 
 
 @dataclass(frozen=True)
@@ -65,17 +73,27 @@ def _resnet_config(depth: int) -> str:
     res2 = "\n    RES2_OUT_CHANNELS: 64" if depth < 50 else ""
     return (
         "MODEL:\n  PIXEL_MEAN: [123.675, 116.280, 103.530]\n  PIXEL_STD: [58.395, 57.120, 57.375]\n"
-        f"  RESNETS:\n    DEPTH: {depth}\n    STRIDE_IN_1X1: False{res2}\nINPUT:\n  FORMAT: \"RGB\""
+        f'  RESNETS:\n    DEPTH: {depth}\n    STRIDE_IN_1X1: False{res2}\nINPUT:\n  FORMAT: "RGB"'
     )
 
 
 # torchvision's InvertedResidual: conv.{0,1,2,3} are (expansion conv+BN, depthwise conv+BN,
 # projection conv, projection BN); without the expansion (expand ratio 1, features.1) the
 # indices shift down by one. The stem and the last 1x1 (features.0, .18) are conv, BN at 0, 1.
-_MV2_EXPANDED = {"conv.0.0.": "expand.", "conv.0.1.": "expand.norm.", "conv.1.0.": "depthwise.",
-                 "conv.1.1.": "depthwise.norm.", "conv.2.": "project.", "conv.3.": "project.norm."}
-_MV2_NOT_EXPANDED = {"conv.0.0.": "depthwise.", "conv.0.1.": "depthwise.norm.", "conv.1.": "project.",
-                     "conv.2.": "project.norm."}
+_MV2_EXPANDED = {
+    "conv.0.0.": "expand.",
+    "conv.0.1.": "expand.norm.",
+    "conv.1.0.": "depthwise.",
+    "conv.1.1.": "depthwise.norm.",
+    "conv.2.": "project.",
+    "conv.3.": "project.norm.",
+}
+_MV2_NOT_EXPANDED = {
+    "conv.0.0.": "depthwise.",
+    "conv.0.1.": "depthwise.norm.",
+    "conv.1.": "project.",
+    "conv.2.": "project.norm.",
+}
 
 
 def _rename_mobilenet_v2(key: str) -> Optional[str]:
@@ -99,24 +117,32 @@ def _rename_mobilenet_v2(key: str) -> Optional[str]:
 
 
 _MOBILENET_V2_CONFIG = (
-    "MODEL:\n  BACKBONE:\n    NAME: \"build_mobilenet_v2_fpn_backbone\"\n"
-    "  MOBILENET:\n    OUT_FEATURES: [\"m2\", \"m3\", \"m4\", \"m5\"]\n"
-    "  FPN:\n    IN_FEATURES: [\"m2\", \"m3\", \"m4\", \"m5\"]\n"
+    'MODEL:\n  BACKBONE:\n    NAME: "build_mobilenet_v2_fpn_backbone"\n'
+    '  MOBILENET:\n    OUT_FEATURES: ["m2", "m3", "m4", "m5"]\n'
+    '  FPN:\n    IN_FEATURES: ["m2", "m3", "m4", "m5"]\n'
     "  PIXEL_MEAN: [123.675, 116.280, 103.530]\n  PIXEL_STD: [58.395, 57.120, 57.375]\n"
-    "INPUT:\n  FORMAT: \"RGB\"\n(as in configs/COCO/faster_rcnn_mv2_fpn.yaml)"
+    'INPUT:\n  FORMAT: "RGB"\n(as in configs/COCO/faster_rcnn_mv2_fpn.yaml)'
 )
 
 CONVERTERS: Dict[str, Converter] = {
     **{
         f"resnet{d}": Converter(
-            f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1", _rename_resnet, _resnet_config(d),
-            file_name=f"R-{d}-torchvision.pkl", title=f"ResNet-{d}",
+            f"resnet{d}",
+            f"ResNet{d}_Weights.IMAGENET1K_V1",
+            _rename_resnet,
+            _resnet_config(d),
+            file_name=f"R-{d}-torchvision.pkl",
+            title=f"ResNet-{d}",
         )
         for d in (18, 34, 50, 101)
     },
     "mobilenet_v2": Converter(
-        "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1", _rename_mobilenet_v2, _MOBILENET_V2_CONFIG,
-        file_name="MobileNetV2-torchvision.pkl", title="MobileNetV2",
+        "mobilenet_v2",
+        "MobileNet_V2_Weights.IMAGENET1K_V1",
+        _rename_mobilenet_v2,
+        _MOBILENET_V2_CONFIG,
+        file_name="MobileNetV2-torchvision.pkl",
+        title="MobileNetV2",
     ),
 }
 
@@ -128,7 +154,8 @@ def _get_converter(arch: str) -> Converter:
 
 
 def load_torchvision_state_dict(arch: str, path: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The ImageNet weights of ``arch`` as a torchvision state dict, checked against the architecture.
+    """The ImageNet weights of ``arch`` as a torchvision state dict, checked against the
+    architecture.
 
     Args:
         arch: a key of :data:`CONVERTERS`, e.g. ``"resnet18"``.
@@ -148,8 +175,8 @@ def load_torchvision_state_dict(arch: str, path: Optional[str] = None) -> Dict[s
         except Exception as e:  # URLError, timeouts, proxies, HTTP errors
             raise OSError(
                 f"Could not download torchvision's {conv.weights} from {weights.url} "
-                f"({type(e).__name__}: {e}). Without internet, download that file on a machine with "
-                f"internet and pass it with --from-state-dict FILE (or place it in "
+                f"({type(e).__name__}: {e}). Without internet, download that file on a machine "
+                f"with internet and pass it with --from-state-dict FILE (or place it in "
                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})."
             ) from e
     else:
@@ -165,7 +192,9 @@ def load_torchvision_state_dict(arch: str, path: Optional[str] = None) -> Dict[s
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"The weights{' in ' + repr(path) if path else ''} are not torchvision's {arch}: {e}") from None
+        raise ValueError(
+            f"The weights{' in ' + repr(path) if path else ''} are not torchvision's {arch}: {e}"
+        ) from None
     return dict(state)
 
 
@@ -185,7 +214,8 @@ def convert_torchvision(arch: str, state: Mapping[str, torch.Tensor]) -> Dict[st
 
 
 def save_d2_pkl(model: Dict[str, np.ndarray], path: str) -> None:
-    """Write ``model`` as detectron2 reads third-party ImageNet weights (name matching by suffix)."""
+    """Write ``model`` as detectron2 reads third-party ImageNet weights (name matching by
+    suffix)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump({"model": model, "__author__": "torchvision", "matching_heuristics": True}, f)
@@ -197,7 +227,8 @@ def missing_weights_hint(path: str) -> str:
     for arch, conv in CONVERTERS.items():
         if conv.file_name and os.path.basename(path) == conv.file_name:
             return (
-                f" It is torchvision's ImageNet {conv.title} in detectron2's format; create it with "
+                f" It is torchvision's ImageNet {conv.title} in detectron2's format; "
+                "create it with "
                 f"`python tools/convert_torchvision_to_d2.py --arch {arch} {path}` "
                 "(add --from-state-dict FILE offline)."
             )

@@ -1,1 +1,13 @@
 from .datasets import check_datasets, check_images, check_num_classes, register_coco_format
+from .metadata import METADATA_FILE, classes_from_coco_json, dataset_metadata, save_metadata
+
+__all__ = [
+    "check_datasets",
+    "check_images",
+    "check_num_classes",
+    "register_coco_format",
+    "classes_from_coco_json",
+    "dataset_metadata",
+    "METADATA_FILE",
+    "save_metadata",
+]

@@ -8,6 +8,7 @@ in scale, overlap (occlusion) and lie on noisy backgrounds with line clutter.
 
     python -m dkd_det.data.synthetic --output datasets/synthetic --num-train 400 --num-val 100
 """
+
 import argparse
 import itertools
 import json
@@ -42,7 +43,12 @@ def class_names(num_classes: int) -> List[Tuple[str, str]]:
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
     """Vertices (N, 2) of a shape of circumradius ``r`` (pixels) centred at (cx, cy)."""
-    sides, offset = {"square": (4, np.pi / 4), "diamond": (4, 0.0), "octagon": (8, np.pi / 8), "triangle": (3, -np.pi / 2)}[shape]
+    sides, offset = {
+        "square": (4, np.pi / 4),
+        "diamond": (4, 0.0),
+        "octagon": (8, np.pi / 8),
+        "triangle": (3, -np.pi / 2),
+    }[shape]
     if shape == "circle":
         sides, offset = 48, 0.0
     t = offset + angle + np.arange(sides) * 2 * np.pi / sides
@@ -55,7 +61,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     for _ in range(rng.integers(3, 9)):  # clutter: lines in object-like colours
         p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
         colour = tuple(int(c) for c in rng.integers(30, 230, 3))
-        cv2.line(img, tuple(map(int, p1)), tuple(map(int, p2)), colour, int(rng.integers(1, 3)), cv2.LINE_AA)
+        cv2.line(
+            img,
+            tuple(map(int, p1)),
+            tuple(map(int, p2)),
+            colour,
+            int(rng.integers(1, 3)),
+            cv2.LINE_AA,
+        )
     return img
 
 
@@ -69,7 +82,13 @@ def _draw_image(rng, size, classes, max_objects, min_radius, max_radius):
         cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)
         pts = _polygon(shape, cx, cy, r, angle=rng.normal(0, 0.12))
         rgb = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 12, 3), 0, 255)
-        cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], tuple(float(c) for c in rgb), cv2.LINE_AA, shift=4)
+        cv2.fillPoly(
+            img,
+            [np.round(pts * 16).astype(np.int32)],
+            tuple(float(c) for c in rgb),
+            cv2.LINE_AA,
+            shift=4,
+        )
         x0, y0 = np.clip(pts.min(0), 0, size)
         x1, y1 = np.clip(pts.max(0), 0, size)
         if (x1 - x0) >= 4 and (y1 - y0) >= 4:
@@ -102,13 +121,18 @@ def generate_split(
     coco: Dict[str, list] = {
         "images": [],
         "annotations": [],
-        "categories": [{"id": i + 1, "name": f"{c}-{s}", "supercategory": s} for i, (s, c) in enumerate(classes)],
+        "categories": [
+            {"id": i + 1, "name": f"{c}-{s}", "supercategory": s}
+            for i, (s, c) in enumerate(classes)
+        ],
     }
     for image_id in range(1, num_images + 1):
         img, anns = _draw_image(rng, image_size, classes, max_objects, min_radius, max_radius)
         file_name = f"{image_id:06d}.png"
         cv2.imwrite(os.path.join(image_root, file_name), img[:, :, ::-1])
-        coco["images"].append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        coco["images"].append(
+            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+        )
         for label, bbox in anns:
             coco["annotations"].append(
                 {
@@ -128,7 +152,9 @@ def generate_split(
     return json_file, image_root
 
 
-def generate(output_dir: str, num_train: int, num_val: int, seed: int = 0, **kwargs) -> Dict[str, Tuple[str, str]]:
+def generate(
+    output_dir: str, num_train: int, num_val: int, seed: int = 0, **kwargs
+) -> Dict[str, Tuple[str, str]]:
     """Write a train and a val split; returns {split: (json_file, image_root)}."""
     return {
         "train": generate_split(output_dir, "train", num_train, seed=seed, **kwargs),
@@ -137,7 +163,9 @@ def generate(output_dir: str, num_train: int, num_val: int, seed: int = 0, **kwa
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="datasets/synthetic")
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
@@ -146,7 +174,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for split, (json_file, root) in generate(
-        args.output, args.num_train, args.num_val, seed=args.seed, image_size=args.image_size, num_classes=args.num_classes
+        args.output,
+        args.num_train,
+        args.num_val,
+        seed=args.seed,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
     ).items():
         print(f"{split}: {json_file} ({root})")
 

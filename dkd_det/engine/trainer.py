@@ -1,19 +1,20 @@
 """detectron2's DefaultTrainer with COCO evaluation and dkd-det's early checks."""
-import contextlib
+
+import logging
 import os
-from functools import partial
-from unittest import mock
+import weakref
 
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
-from detectron2.engine import DefaultTrainer, defaults
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
-from detectron2.utils.comm import get_world_size
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import missing_weights_hint
+from ..checkpoint import AtomicCheckpointer, resolve_weights
 from ..data import check_images, check_num_classes
-from .hooks import AtomicCheckpointer, TeacherCheck
-from ..modeling import resolve_weights
+from .hooks import TeacherCheck
 
 __all__ = ["Trainer"]
 
@@ -22,33 +23,56 @@ class Trainer(DefaultTrainer):
     """Trains any dkd-det or plain detectron2 config; evaluates with :class:`COCOEvaluator`.
 
     Also trains with several processes on the CPU (``--num-gpus 2`` without a GPU uses GLOO),
-    writes ``last_checkpoint`` atomically, and checks at the end that the teacher is unchanged
-    and identical on every rank.
+    writes ``last_checkpoint`` atomically, checks at the end that the teacher is unchanged
+    and identical on every rank, and returns the final evaluation from :meth:`train`.
     """
 
     def __init__(self, cfg):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch.object(defaults, "DetectionCheckpointer", AtomicCheckpointer))
-            if cfg.MODEL.DEVICE == "cpu" and get_world_size() > 1:
-                # DefaultTrainer always wraps the model with DDP(device_ids=[local_rank]), which
-                # DDP rejects for a CPU module; on the CPU it must be device_ids=None.
-                stack.enter_context(
-                    mock.patch.object(defaults, "create_ddp_model", partial(defaults.create_ddp_model, device_ids=None))
-                )
-            super().__init__(cfg)
+        # The steps of DefaultTrainer.__init__, which has no hook for the two things done
+        # differently here: DDP of a CPU model needs device_ids=None (DefaultTrainer passes
+        # [local_rank], which DDP rejects for a CPU module), and checkpoints are written by
+        # AtomicCheckpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        ddp_args = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_args)
+        loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = loop(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        teacher = getattr(self.model.module if hasattr(self.model, "module") else self.model, "teacher", None)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        teacher = getattr(model, "teacher", None)
         if teacher is not None:
             hooks.insert(0, TeacherCheck(teacher))
         return hooks
 
+    def train(self):
+        """Run training; returns :attr:`last_eval_results` (None if nothing was evaluated)."""
+        super().train()
+        return self.last_eval_results
+
+    @property
+    def last_eval_results(self):
+        """The last evaluation's results, ``{"bbox": {"AP": ..., "AP50": ..., ...}}`` (COCO AP
+        in percent), as the final evaluation after the last iteration wrote them; None before."""
+        return getattr(self, "_last_eval_results", None)
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return COCOEvaluator(
-            dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        )
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -63,11 +87,5 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         # A missing MODEL.WEIGHTS would otherwise surface as a bare assertion.
         if self.cfg.MODEL.WEIGHTS and not (resume and self.checkpointer.has_checkpoint()):
-            try:
-                resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
-            except FileNotFoundError as e:
-                hint = missing_weights_hint(self.cfg.MODEL.WEIGHTS)
-                if not hint:
-                    raise
-                raise FileNotFoundError(f"{e}{hint}") from None
+            resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
         return super().resume_or_load(resume=resume)

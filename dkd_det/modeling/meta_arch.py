@@ -1,4 +1,5 @@
 """The distillation meta-architecture: a student GeneralizedRCNN that owns a frozen teacher."""
+
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -46,7 +47,10 @@ class DistillationRCNN(GeneralizedRCNN):
                 )
             formats = {teacher.input_format, self.input_format}
             if len(formats) > 1 and formats != {"RGB", "BGR"}:
-                raise ValueError(f"Cannot convert student input format {self.input_format} to the teacher's {teacher.input_format}.")
+                raise ValueError(
+                    f"Cannot convert student input format {self.input_format} to the teacher's "
+                    f"{teacher.input_format}."
+                )
         self.__dict__["teacher"] = teacher  # not registered as a submodule: see the class docstring
 
     @classmethod
@@ -84,7 +88,9 @@ class DistillationRCNN(GeneralizedRCNN):
         return {**detector_losses, **proposal_losses}
 
     @torch.no_grad()
-    def teacher_features(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def teacher_features(
+        self, batched_inputs: List[Dict[str, torch.Tensor]]
+    ) -> Dict[str, torch.Tensor]:
         """The teacher's backbone features for the batch, from images normalised with the
         teacher's own pixel mean/std, channel order and padding."""
         if self.teacher.input_format != self.input_format:  # RGB <-> BGR

@@ -1,4 +1,5 @@
 """ROI heads that add a distillation loss on the box classifier's logits."""
+
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -50,7 +51,9 @@ class DistillROIHeads(StandardROIHeads):
         """
         super().__init__(**kwargs)
         if distill_type not in DISTILL_TYPES:
-            raise ValueError(f"MODEL.DISTILL.TYPE = {distill_type!r}: must be one of {DISTILL_TYPES}.")
+            raise ValueError(
+                f"MODEL.DISTILL.TYPE = {distill_type!r}: must be one of {DISTILL_TYPES}."
+            )
         for key, value, low, strict in (
             ("ALPHA", alpha, 0.0, False),
             ("BETA", beta, 0.0, False),
@@ -59,9 +62,13 @@ class DistillROIHeads(StandardROIHeads):
             ("WARMUP_ITERS", warmup_iters, 0, False),
         ):
             if value < low or (strict and value == low):
-                raise ValueError(f"MODEL.DISTILL.{key} = {value}: must be {'>' if strict else '>='} {low}.")
+                raise ValueError(
+                    f"MODEL.DISTILL.{key} = {value}: must be {'>' if strict else '>='} {low}."
+                )
         if distill_type != "NONE" and self.train_on_pred_boxes:
-            raise ValueError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with distillation.")
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with distillation."
+            )
         self.distill_type = distill_type
         self.alpha = alpha
         self.beta = beta
@@ -103,7 +110,9 @@ class DistillROIHeads(StandardROIHeads):
         losses.update(self._forward_keypoint(features, proposals))
         return proposals, losses
 
-    def _forward_box_distill(self, features, proposals: List[Instances], teacher_logits: TeacherLogits):
+    def _forward_box_distill(
+        self, features, proposals: List[Instances], teacher_logits: TeacherLogits
+    ):
         """Training box branch: one student box-head pass for both the detection and the
         distillation losses. ``proposals`` are the sampled ones, with ``gt_classes``."""
         boxes = [x.proposal_boxes for x in proposals]
@@ -118,8 +127,11 @@ class DistillROIHeads(StandardROIHeads):
         )
         return losses
 
-    def distillation_losses(self, logits_student, logits_teacher, gt_classes) -> Dict[str, torch.Tensor]:
-        """The weighted distillation loss, (R, K+1), (R, K+1), (R,) -> {"loss_dkd" or "loss_kd": scalar}.
+    def distillation_losses(
+        self, logits_student, logits_teacher, gt_classes
+    ) -> Dict[str, torch.Tensor]:
+        """The weighted distillation loss,
+        (R, K+1), (R, K+1), (R,) -> {"loss_dkd" or "loss_kd": scalar}.
 
         TCKD and NCKD (unweighted, times T^2) are also written to the event storage as
         ``dkd/tckd`` and ``dkd/nckd``, so that metrics.json and TensorBoard show them.

@@ -26,16 +26,16 @@ to 1280 channels only widens stride 32 before FPN's own 1x1 lateral conv project
 down, and costs 0.4 M parameters; ``last`` is there for who wants it (``IN_FEATURES``
 ["m2", "m3", "m4", "last"]).
 """
+
 import math
 from typing import Dict, List
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from torch import nn
-
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
 
 __all__ = [
     "MobileNetV2",
@@ -46,12 +46,27 @@ __all__ = [
 ]
 
 # (expansion t, output channels c, repeats n, stride s of the first repeat), the paper's Table 2.
-_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+_SETTINGS = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 # Stage name -> (first block, last block) indices into ``features``, inclusive. A stage
 # ends where an output can be taken; "stem" is the stride-2 part before m2. FREEZE_AT
 # counts stages in this order, like MODEL.BACKBONE.FREEZE_AT for ResNet (1: stem, 2: +m2, ...).
-STAGES = {"stem": (0, 1), "m2": (2, 3), "m3": (4, 6), "m4": (7, 13), "m5": (14, 17), "last": (18, 18)}
+STAGES = {
+    "stem": (0, 1),
+    "m2": (2, 3),
+    "m3": (4, 6),
+    "m4": (7, 13),
+    "m5": (14, 17),
+    "last": (18, 18),
+}
 _OUTPUTS = [name for name in STAGES if name != "stem"]
 
 
@@ -63,8 +78,14 @@ class ConvNormReLU6(CNNBlockBase):
     def __init__(self, in_channels, out_channels, *, kernel_size, stride, norm):
         super().__init__(in_channels, out_channels, stride)
         self.conv = Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
-            bias=False, norm=get_norm(norm, out_channels), activation=nn.ReLU6(inplace=True),
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            bias=False,
+            norm=get_norm(norm, out_channels),
+            activation=nn.ReLU6(inplace=True),
         )
         weight_init.c2_msra_fill(self.conv)
 
@@ -84,16 +105,31 @@ class InvertedResidual(CNNBlockBase):
         self.use_residual = stride == 1 and in_channels == out_channels
         if expand_ratio != 1:
             self.expand = Conv2d(
-                in_channels, hidden, 1, bias=False, norm=get_norm(norm, hidden), activation=nn.ReLU6(inplace=True)
+                in_channels,
+                hidden,
+                1,
+                bias=False,
+                norm=get_norm(norm, hidden),
+                activation=nn.ReLU6(inplace=True),
             )
         else:
             self.expand = None
         self.depthwise = Conv2d(
-            hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False,
-            norm=get_norm(norm, hidden), activation=nn.ReLU6(inplace=True),
+            hidden,
+            hidden,
+            3,
+            stride=stride,
+            padding=1,
+            groups=hidden,
+            bias=False,
+            norm=get_norm(norm, hidden),
+            activation=nn.ReLU6(inplace=True),
         )
-        # Linear: a ReLU here would destroy information in the narrow bottleneck (the paper's point).
-        self.project = Conv2d(hidden, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
+        # Linear: a ReLU here would destroy information in the narrow bottleneck (the paper's
+        # point).
+        self.project = Conv2d(
+            hidden, out_channels, 1, bias=False, norm=get_norm(norm, out_channels)
+        )
         for layer in (self.expand, self.depthwise, self.project):
             if layer is not None:
                 weight_init.c2_msra_fill(layer)
@@ -113,7 +149,13 @@ class MobileNetV2(Backbone):
     requested output are not built, so that no parameter goes unused in training.
     """
 
-    def __init__(self, in_channels: int = 3, out_features=("m2", "m3", "m4", "m5"), norm: str = "FrozenBN", freeze_at: int = 0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_features=("m2", "m3", "m4", "m5"),
+        norm: str = "FrozenBN",
+        freeze_at: int = 0,
+    ):
         """
         Args:
             in_channels: channels of the input image.
@@ -126,18 +168,35 @@ class MobileNetV2(Backbone):
         out_features = list(out_features)
         unknown = [f for f in out_features if f not in _OUTPUTS]
         if not out_features or unknown:
-            raise ValueError(f"MobileNetV2 out_features {out_features}: each must be one of {_OUTPUTS}.")
+            raise ValueError(
+                f"MobileNetV2 out_features {out_features}: each must be one of {_OUTPUTS}."
+            )
         self._out_features = sorted(out_features, key=_OUTPUTS.index)
         num_blocks = STAGES[self._out_features[-1]][1] + 1
         num_stages = list(STAGES).index(self._out_features[-1]) + 1
         if not 0 <= freeze_at <= num_stages:
-            raise ValueError(f"MobileNetV2 freeze_at={freeze_at}: must be in [0, {num_stages}] for outputs {self._out_features}.")
+            raise ValueError(
+                f"MobileNetV2 freeze_at={freeze_at}: must be in [0, {num_stages}] for outputs "
+                f"{self._out_features}."
+            )
 
-        blocks: List[CNNBlockBase] = [ConvNormReLU6(in_channels, 32, kernel_size=3, stride=2, norm=norm)]
+        blocks: List[CNNBlockBase] = [
+            ConvNormReLU6(in_channels, 32, kernel_size=3, stride=2, norm=norm)
+        ]
         for t, c, n, s in _SETTINGS:
             for i in range(n):
-                blocks.append(InvertedResidual(blocks[-1].out_channels, c, stride=s if i == 0 else 1, expand_ratio=t, norm=norm))
-        blocks.append(ConvNormReLU6(blocks[-1].out_channels, 1280, kernel_size=1, stride=1, norm=norm))
+                blocks.append(
+                    InvertedResidual(
+                        blocks[-1].out_channels,
+                        c,
+                        stride=s if i == 0 else 1,
+                        expand_ratio=t,
+                        norm=norm,
+                    )
+                )
+        blocks.append(
+            ConvNormReLU6(blocks[-1].out_channels, 1280, kernel_size=1, stride=1, norm=norm)
+        )
         self.features = nn.Sequential(*blocks[:num_blocks])
 
         self._out_feature_strides: Dict[str, int] = {}
@@ -193,7 +252,9 @@ def build_mobilenet_v2_backbone(cfg, input_shape: ShapeSpec):
         channels and stride (4, 8, 16, 32).
     """
     m = cfg.MODEL.MOBILENET
-    return MobileNetV2(input_shape.channels, out_features=m.OUT_FEATURES, norm=m.NORM, freeze_at=m.FREEZE_AT)
+    return MobileNetV2(
+        input_shape.channels, out_features=m.OUT_FEATURES, norm=m.NORM, freeze_at=m.FREEZE_AT
+    )
 
 
 @BACKBONE_REGISTRY.register()
@@ -209,7 +270,8 @@ def build_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec):
     if missing:
         raise ValueError(
             f"MODEL.FPN.IN_FEATURES {list(cfg.MODEL.FPN.IN_FEATURES)} asks for {missing}, which "
-            f"MODEL.MOBILENET.OUT_FEATURES {list(cfg.MODEL.MOBILENET.OUT_FEATURES)} does not produce."
+            f"MODEL.MOBILENET.OUT_FEATURES {list(cfg.MODEL.MOBILENET.OUT_FEATURES)} "
+            "does not produce."
         )
     return FPN(
         bottom_up=bottom_up,

@@ -1,0 +1,125 @@
+"""What the tests share: tiny overrides of the real configs, random-init models saved in
+detectron2's formats, and running tools/ as processes."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 3
+
+# Small enough for a 2-core CPU; everything else comes from the real configs.
+TINY = [
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    str(NUM_CLASSES),
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "64",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "300",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "300",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "100",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    "128",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.BASE_LR",
+    "0.002",
+    "SOLVER.WARMUP_ITERS",
+    "0",
+    "SOLVER.STEPS",
+    "()",
+    "SEED",
+    "1",
+]
+R18 = os.path.join(ROOT, "configs/COCO/faster_rcnn_r18_fpn.yaml")
+R50 = os.path.join(ROOT, "configs/COCO/faster_rcnn_r50_fpn.yaml")
+DKD_R18 = os.path.join(ROOT, "configs/COCO/dkd_r101_r18.yaml")
+
+
+def make_cfg(config_file, *opts):
+    """A frozen dkd-det config: the file, the tiny overrides, then ``opts``."""
+    from dkd_det.config import get_dkd_cfg
+
+    cfg = get_dkd_cfg(config_file, TINY + list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def save_random_model(cfg, path):
+    """Build ``cfg``'s model with random weights and save it as detectron2 does."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(
+        os.path.basename(path)[: -len(".pth")]
+    )
+    return path
+
+
+@torch.no_grad()
+def randomise_bn(model):
+    """Non-trivial BN statistics and affine terms, so that a misplaced or wrongly mapped norm
+    layer shows in the outputs."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+# The teacher: the R-18 baseline config itself, random-init, in detectron2's .pth format.
+TEACHER_OPTS = ["MODEL.TEACHER.CONFIG_FILE", R18, "MODEL.TEACHER.OPTS", repr(TINY)]
+
+
+def run_tool(script, *args, env=None, timeout=600):
+    """Run ``tools/<script>`` as users do, in a process; returns CompletedProcess whose
+    ``stdout`` holds stdout and stderr together (detectron2 logs to stdout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def load_tool(script):
+    """Import ``tools/<script>`` as a module (by path: the name ``tools`` is taken by a package
+    that the detectron2 wheel installs), to test a script's functions directly."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "tools", script)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(script)[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
