@@ -1,12 +1,22 @@
 """Dataset registration from the config, and the checks that turn a missing file into
 an error that says where the file should be."""
 
+import logging
 import os
+import time
+from typing import List
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from .images import MISSING, BrokenImageError, find_broken_images
+
 __all__ = ["register_coco_format", "check_datasets", "check_num_classes", "check_images"]
+
+logger = logging.getLogger(__name__)
+
+# A warning for skipped files names this many (an error names `listed`, 10 by default).
+_LISTED_WHEN_SKIPPED = 100
 
 _BUILTIN_HINT = (
     "detectron2's builtin COCO datasets are read from $DETECTRON2_DATASETS (now {root!r}), "
@@ -66,15 +76,68 @@ def check_num_classes(cfg) -> None:
             )
 
 
-def check_images(dataset_dicts, names) -> None:
+def check_images(
+    dataset_dicts, names, skip_broken: bool = False, training: bool = True, listed: int = 10
+) -> List[str]:
     """Every image that the annotations of ``names`` list (``file_name`` of each record of
-    ``dataset_dicts``) must exist on disk."""
-    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(dataset_dicts)} images listed in the annotations of "
-            f"{list(names)} are missing, e.g. {missing[:3]}. "
-            "Check the image root (the third item of "
-            "DATASETS.COCO_FORMAT, or $DETECTRON2_DATASETS for builtin datasets) and that the "
-            "images were copied completely."
+    ``dataset_dicts``) must exist and decode (:func:`~dkd_det.data.images.image_problem`).
+
+    Args:
+        names: the datasets ``dataset_dicts`` came from, named in the message.
+        skip_broken: warn (naming the files) instead of raising, for a training set with
+            ``DATALOADER.SKIP_BROKEN_IMAGES``; it is still an error if no image is usable.
+        training: False for a test set, which is never skipped: AP over fewer images would
+            not be comparable.
+        listed: how many broken files the error names (the count is always given).
+
+    Returns:
+        the broken files (empty unless ``skip_broken``), which the data loader must leave out.
+
+    Raises:
+        FileNotFoundError: some images are missing (and none is otherwise broken).
+        BrokenImageError: some images are empty, truncated or not images.
+    """
+    paths = [d["file_name"] for d in dataset_dicts]
+    start = time.perf_counter()
+    broken = find_broken_images(paths)
+    logger.info(
+        "Checked the %d images of %s in %.1f s: %d missing or broken.",
+        len(set(paths)),
+        list(names),
+        time.perf_counter() - start,
+        len(broken),
+    )
+    if not broken:
+        return []
+    total = len(set(paths))
+    num_missing = sum(why == MISSING for why in broken.values())
+    summary = (
+        f"{len(broken)} of {total} images listed in the annotations of {list(names)} are "
+        f"missing or broken ({num_missing} missing, {len(broken) - num_missing} broken)"
+    )
+    if training and skip_broken and len(broken) < total:
+        shown = [f"{p!r} ({why})" for p, why in list(broken.items())[:_LISTED_WHEN_SKIPPED]]
+        more = len(broken) - len(shown)
+        logger.warning(
+            "%s and are left out of training (DATALOADER.SKIP_BROKEN_IMAGES): %s%s",
+            summary,
+            "; ".join(shown),
+            f"; and {more} more" if more else "",
         )
+        return list(broken)
+    if not training:
+        what = (
+            "An evaluation must see every image: replace the files or remove them from the "
+            "annotations (DATALOADER.SKIP_BROKEN_IMAGES applies to training images only)."
+        )
+    elif skip_broken:
+        what = "No image is usable."
+    else:
+        what = "Or set DATALOADER.SKIP_BROKEN_IMAGES True to train without them."
+    shown = [f"{p!r} ({why})" for p, why in list(broken.items())[:listed]]
+    error = FileNotFoundError if num_missing == len(broken) else BrokenImageError
+    raise error(
+        f"{summary}; the first {len(shown)}: {'; '.join(shown)}. Check the image root (the third "
+        "item of DATASETS.COCO_FORMAT, or $DETECTRON2_DATASETS for builtin datasets) and that the "
+        f"images were copied completely. {what}"
+    )

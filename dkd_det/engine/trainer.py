@@ -4,16 +4,22 @@ import logging
 import os
 import weakref
 
-from detectron2.data import build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.data.build import _train_loader_from_config
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer, resolve_weights
-from ..data import check_images, check_num_classes
+from ..data import CheckedDatasetMapper, check_images, check_num_classes
 from .hooks import TeacherCheck
 
 __all__ = ["Trainer"]
@@ -39,6 +45,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        self.check_test_images(cfg)
         ddp_args = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_args)
         loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
@@ -55,7 +62,9 @@ class Trainer(DefaultTrainer):
         model = self.model.module if hasattr(self.model, "module") else self.model
         teacher = getattr(model, "teacher", None)
         if teacher is not None:
-            hooks.insert(0, TeacherCheck(teacher))
+            # Last: its error must not pre-empt the final evaluation (EvalHook) or the writers,
+            # which detectron2 runs in hook order in after_train.
+            hooks.append(TeacherCheck(teacher))
         return hooks
 
     def train(self):
@@ -77,12 +86,38 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # detectron2's own arguments for the loader, checked before any iteration runs: the class
-        # count is known once the annotations are loaded, and a missing image would otherwise
-        # stop training whenever the sampler first reaches it.
+        # count is known once the annotations are loaded, and a missing or broken image would
+        # otherwise stop training whenever the sampler first reaches it.
         args = _train_loader_from_config(cfg)
         check_num_classes(cfg)
-        check_images(args["dataset"], cfg.DATASETS.TRAIN)
+        skipped = check_images(
+            args["dataset"], cfg.DATASETS.TRAIN, skip_broken=cfg.DATALOADER.SKIP_BROKEN_IMAGES
+        )
+        # Skipped images stay in the dataset (every sampler indexes it as built) and the mapper
+        # returns None for them, on which detectron2's MapDataset draws another image.
+        args["mapper"] = CheckedDatasetMapper(cfg, True, known_broken=skipped)
+        if cfg.SEED >= 0:
+            # The data order, augmentation and ROI sampling then depend on SEED alone, not on
+            # what was built before (a teacher's initialisation draws from the same generators):
+            # a plain, KD and DKD student of one seed see the same batches in the same order.
+            seed_all_rng(cfg.SEED + comm.get_rank())
+            if type(args["sampler"]) is TrainingSampler:
+                args["sampler"] = TrainingSampler(len(args["dataset"]), seed=cfg.SEED)
         return build_detection_train_loader(**args)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, whose mapper names an image that cannot be read."""
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+        )
+
+    @classmethod
+    def check_test_images(cls, cfg):
+        """Every image of ``DATASETS.TEST`` must exist and decode, checked before training: the
+        final evaluation would otherwise fail only after the whole schedule."""
+        for name in cfg.DATASETS.TEST:
+            check_images(DatasetCatalog.get(name), [name], training=False)
 
     def resume_or_load(self, resume=True):
         # A missing MODEL.WEIGHTS would otherwise surface as a bare assertion.

@@ -1,5 +1,6 @@
 """ROI heads that add a distillation loss on the box classifier's logits."""
 
+import logging
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -7,15 +8,44 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, Instances
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..config import DISTILL_TYPES
 from ..losses import decoupled_kd, kd_loss
 
-__all__ = ["DistillROIHeads"]
+__all__ = ["DistillROIHeads", "check_softmax_classifier", "check_softmax_predictor"]
+
+logger = logging.getLogger(__name__)
 
 # (sampled boxes of each image) -> teacher's (R, K+1) classification logits for them.
 TeacherLogits = Callable[[List[Boxes]], torch.Tensor]
+
+
+def check_softmax_classifier(use_sigmoid_ce: bool, use_fed_loss: bool, who: str) -> None:
+    """Raise ValueError if the box classifier of ``who`` ("the student", "the teacher (...)")
+    is trained with a sigmoid cross-entropy or the federated loss (``MODEL.ROI_BOX_HEAD.
+    USE_SIGMOID_CE`` / ``USE_FED_LOSS``) instead of a softmax over its K+1 logits, which DKD and
+    KD assume: its logits then are not a distribution to distil."""
+    for used, key, loss in (
+        (use_sigmoid_ce, "USE_SIGMOID_CE", "a sigmoid cross-entropy"),
+        (use_fed_loss, "USE_FED_LOSS", "the federated loss"),
+    ):
+        if used:
+            raise ValueError(
+                f"MODEL.ROI_BOX_HEAD.{key} is True for {who}: its box classifier is trained "
+                f"with {loss}, but DKD and KD distil a softmax over the K+1 class logits, which "
+                "would mean nothing here. Use a softmax box predictor "
+                f"(MODEL.ROI_BOX_HEAD.{key} False) on both teacher and student, or set "
+                "MODEL.DISTILL.TYPE NONE."
+            )
+
+
+def check_softmax_predictor(predictor: torch.nn.Module, who: str) -> None:
+    """:func:`check_softmax_classifier` for a built box predictor (``FastRCNNOutputLayers``)."""
+    check_softmax_classifier(
+        getattr(predictor, "use_sigmoid_ce", False), getattr(predictor, "use_fed_loss", False), who
+    )
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -69,6 +99,14 @@ class DistillROIHeads(StandardROIHeads):
             raise ValueError(
                 "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with distillation."
             )
+        if distill_type != "NONE":
+            check_softmax_predictor(self.box_predictor, "the student")
+        if distill_type == "DKD" and self.num_classes == 1:
+            logger.warning(
+                "MODEL.ROI_HEADS.NUM_CLASSES is 1: each region's only non-target class is the "
+                "other of (object, background), so NCKD is identically 0 and DKD reduces to "
+                "MODEL.DISTILL.ALPHA x TCKD (MODEL.DISTILL.BETA has no effect)."
+            )
         self.distill_type = distill_type
         self.alpha = alpha
         self.beta = beta
@@ -78,8 +116,11 @@ class DistillROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
         d = cfg.MODEL.DISTILL
+        if d.TYPE != "NONE":  # before detectron2 builds (or asserts on) the predictor
+            box = cfg.MODEL.ROI_BOX_HEAD
+            check_softmax_classifier(box.USE_SIGMOID_CE, box.USE_FED_LOSS, "the student")
+        ret = super().from_config(cfg, input_shape)
         ret.update(
             distill_type=d.TYPE,
             alpha=d.ALPHA,
@@ -134,7 +175,8 @@ class DistillROIHeads(StandardROIHeads):
         (R, K+1), (R, K+1), (R,) -> {"loss_dkd" or "loss_kd": scalar}.
 
         TCKD and NCKD (unweighted, times T^2) are also written to the event storage as
-        ``dkd/tckd`` and ``dkd/nckd``, so that metrics.json and TensorBoard show them.
+        ``dkd/tckd`` and ``dkd/nckd``, averaged over the ranks like the losses, so that
+        metrics.json and TensorBoard show them.
         """
         storage = get_event_storage()
         weight = self.loss_weight
@@ -143,5 +185,13 @@ class DistillROIHeads(StandardROIHeads):
         if self.distill_type == "KD":
             return {"loss_kd": weight * kd_loss(logits_student, logits_teacher, self.temperature)}
         tckd, nckd = decoupled_kd(logits_student, logits_teacher, gt_classes, self.temperature)
-        storage.put_scalars(**{"dkd/tckd": tckd.detach(), "dkd/nckd": nckd.detach()})
+        stats = torch.stack([tckd.detach(), nckd.detach()])
+        if comm.get_world_size() > 1:
+            # The mean over ranks, as detectron2 logs the losses. Every rank runs this (the ROI
+            # heads' training forward, inside DDP's forward) in every iteration, so the
+            # all_reduce cannot be entered by one rank alone.
+            stats = stats.float()
+            torch.distributed.all_reduce(stats)
+            stats /= comm.get_world_size()
+        storage.put_scalars(**{"dkd/tckd": stats[0], "dkd/nckd": stats[1]})
         return {"loss_dkd": weight * (self.alpha * tckd + self.beta * nckd)}
