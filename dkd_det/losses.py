@@ -1,4 +1,5 @@
-"""Knowledge-distillation losses on classification logits (pure torch).
+"""Knowledge-distillation losses (pure torch): DKD and KD on classification logits, and
+ReviewKD's hierarchical context loss (HCL) on feature maps.
 
 Notation follows Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
 For a region with target class ``t`` (the background class included) and
@@ -16,14 +17,18 @@ Everything is computed from ``log_softmax`` and ``logsumexp`` in float32, with
 autocast disabled: no probability is ever passed to ``log``, so the losses are
 finite and exact for logits of any finite size (the reference implementation
 overflows at logit scale ~20), and half-precision inputs are upcast.
+
+HCL (Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021) compares two
+feature maps at full resolution and average-pooled to a few small scales; see
+:func:`hcl_loss`.
 """
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decoupled_kd", "dkd_loss", "kd_loss"]
+__all__ = ["decoupled_kd", "dkd_loss", "hcl_loss", "kd_loss"]
 
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -164,3 +169,55 @@ def kd_loss(
         if logits_student.shape[0] == 0:
             return log_p_s.sum() * 0.0
         return _kl_from_log_probs(log_p_t, log_p_s).mean() * temperature**2
+
+
+def hcl_loss(
+    student_features: Sequence[torch.Tensor],
+    teacher_features: Sequence[torch.Tensor],
+    pool_scales: Sequence[int] = (4, 2, 1),
+) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss, summed over feature levels.
+
+    For each level, with ``F_s``, ``F_t`` of shape (N, C, H, W), ``P_k`` adaptive average
+    pooling to (k, k) and ``mse`` the mean of squared differences over all elements:
+
+        HCL = (mse(F_s, F_t) + sum_j 2^-j mse(P_kj(F_s), P_kj(F_t))) / (1 + sum_j 2^-j)
+
+    where k1, k2, ... are the ``pool_scales`` smaller than min(H, W), in order (a scale as
+    large as the map would only copy or upsample it), j = 1, 2, ... their rank among those
+    used. As the reference implementations, which skip a scale >= H: the same whenever H is
+    the smaller side, as on COCO for p2..p6.
+
+    Args:
+        student_features: per level, (N, C, H, W) student features (after ABF fusion).
+        teacher_features: per level, the teacher's of the same shapes; no gradient reaches them.
+        pool_scales: the pooled output sizes, each > 0.
+
+    Returns:
+        float32 scalar, in squared feature units (autocast disabled).
+    """
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(
+            f"HCL needs as many student as teacher levels (at least one); got "
+            f"{len(student_features)} and {len(teacher_features)}."
+        )
+    total = None
+    with torch.autocast(device_type=student_features[0].device.type, enabled=False):
+        for f_s, f_t in zip(student_features, teacher_features):
+            if f_s.shape != f_t.shape or f_s.dim() != 4:
+                raise ValueError(
+                    f"HCL compares (N, C, H, W) maps of equal shape; got {tuple(f_s.shape)} "
+                    f"(student) and {tuple(f_t.shape)} (teacher)."
+                )
+            f_s, f_t = f_s.float(), f_t.detach().float()
+            loss = F.mse_loss(f_s, f_t)
+            weight, weights = 1.0, 1.0
+            for k in pool_scales:
+                if k >= min(f_s.shape[-2:]):
+                    continue
+                weight /= 2.0
+                pooled = F.adaptive_avg_pool2d(f_s, k), F.adaptive_avg_pool2d(f_t, k)
+                loss = loss + weight * F.mse_loss(*pooled)
+                weights += weight
+            total = loss / weights if total is None else total + loss / weights
+    return total

@@ -13,7 +13,10 @@ def test_toy_benchmark_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     run = run_tool("benchmark.py", "--toy", "--pairs", "R101-R18", "--output", str(out))
     assert run.returncode == 0, run.stdout[-3000:]
-    assert "| pair | plain step ms | KD step ms | DKD step ms | teacher fwd ms |" in run.stdout
+    assert (
+        "| pair | plain step ms | KD step ms | DKD step ms | DKD+ReviewKD step ms "
+        "| DKD+ReviewKD/DKD | teacher fwd ms |" in run.stdout
+    )
     assert "| R101-R18 |" in run.stdout and "| ratio |" in run.stdout
     report = json.loads(out.read_text())
     r = report["pairs"]["R101-R18"]
@@ -21,6 +24,8 @@ def test_toy_benchmark_prints_table_and_writes_json(tmp_path):
         "plain_step_ms",
         "kd_step_ms",
         "dkd_step_ms",
+        "reviewdkd_step_ms",
+        "reviewdkd_step_mib",
         "teacher_forward_ms",
         "student_inference_ms",
         "teacher_inference_ms",
@@ -29,6 +34,7 @@ def test_toy_benchmark_prints_table_and_writes_json(tmp_path):
     assert r["dkd_over_plain_plus_teacher"] == r["dkd_step_ms"] / (
         r["plain_step_ms"] + r["teacher_forward_ms"]
     )
+    assert r["reviewdkd_over_dkd"] == r["reviewdkd_step_ms"] / r["dkd_step_ms"]
     assert report["loss"]["naive_mib"] > 0 and report["loss"]["dkd_loss_mib"] > 0
 
 

@@ -161,7 +161,7 @@ def test_missing_weights_name_the_converter():
 
 @pytest.mark.parametrize("norm, freeze_at", [("BN", 2), ("FrozenBN", 0), ("SyncBN", 3)])
 def test_norms_and_frozen_stages(norm, freeze_at):
-    cfg = make_cfg(MV2, "MODEL.MOBILENET.NORM", norm, "MODEL.MOBILENET.FREEZE_AT", str(freeze_at))
+    cfg = make_cfg(MV2, "MODEL.MOBILENET.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", str(freeze_at))
     backbone = BACKBONE_REGISTRY.get("build_mobilenet_v2_backbone")(cfg, ShapeSpec(channels=3))
     frozen_blocks = {0: 0, 2: 4, 3: 7}[freeze_at]  # stem = features.0-1, m2 = 2-3, m3 = 4-6
     trainable_norm = {
@@ -192,7 +192,7 @@ def test_norms_and_frozen_stages(norm, freeze_at):
     [
         (["MODEL.MOBILENET.OUT_FEATURES", "['m2', 'res3']"], r"each must be one of"),
         (
-            ["MODEL.MOBILENET.OUT_FEATURES", "['m2', 'm3']", "MODEL.MOBILENET.FREEZE_AT", "4"],
+            ["MODEL.MOBILENET.OUT_FEATURES", "['m2', 'm3']", "MODEL.BACKBONE.FREEZE_AT", "4"],
             r"freeze_at=4: must be in \[0, 3\]",
         ),
         (

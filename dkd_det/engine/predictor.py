@@ -8,11 +8,21 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
+from ..checkpoint.export import student_state_dict
 from ..config import student_cfg
 
 __all__ = ["load_student", "Predictor"]
 
 _HINT = "Use the config the checkpoint was trained with (and the same class count)."
+
+
+class _StudentCheckpointer(StrictCheckpointer):
+    """Strict loading of the student from a training checkpoint, whose training-only modules
+    (e.g. ReviewKD's ABF, ``feature_distiller.*``) the student alone does not have."""
+
+    def _load_model(self, checkpoint):
+        checkpoint["model"] = student_state_dict(checkpoint["model"])
+        return super()._load_model(checkpoint)
 
 
 def _load_strictly(model: torch.nn.Module, weights: str) -> None:
@@ -21,15 +31,16 @@ def _load_strictly(model: torch.nn.Module, weights: str) -> None:
             "MODEL.WEIGHTS is empty: set it to the trained model, e.g. "
             "MODEL.WEIGHTS output/dkd_r101_r18/model_final.pth."
         )
-    StrictCheckpointer(model, key="MODEL.WEIGHTS", hint=_HINT).load(
+    _StudentCheckpointer(model, key="MODEL.WEIGHTS", hint=_HINT).load(
         resolve_weights(weights, "MODEL.WEIGHTS")
     )
 
 
 def load_student(cfg: CfgNode, weights: Optional[str] = None) -> torch.nn.Module:
     """The trained student of a dkd-det (or plain detectron2) config, in eval mode on
-    ``cfg.MODEL.DEVICE``. The teacher is never built; every key of the student must be in
-    the checkpoint and every key of the checkpoint in the student.
+    ``cfg.MODEL.DEVICE``. The teacher and training-only modules are never built; every key
+    of the student must be in the checkpoint and every key of the checkpoint in the student,
+    except training-only modules' (e.g. ReviewKD's ABF), which are dropped.
 
     Args:
         weights: the checkpoint (path or URL); None for ``cfg.MODEL.WEIGHTS``.

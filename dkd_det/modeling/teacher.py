@@ -9,6 +9,7 @@ from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
 from ..config import get_dkd_cfg
+from .roi_heads import check_softmax_classifier, check_softmax_predictor
 
 __all__ = ["build_teacher", "get_teacher_cfg"]
 
@@ -24,10 +25,10 @@ def get_teacher_cfg(cfg):
     path = cfg.MODEL.TEACHER.CONFIG_FILE
     if not path:
         raise ValueError(
-            f"MODEL.DISTILL.TYPE is {cfg.MODEL.DISTILL.TYPE} but MODEL.TEACHER.CONFIG_FILE "
-            "is empty. "
+            f"MODEL.DISTILL.TYPE is {cfg.MODEL.DISTILL.TYPE} and MODEL.DISTILL.FEATURE.TYPE "
+            f"{cfg.MODEL.DISTILL.FEATURE.TYPE} but MODEL.TEACHER.CONFIG_FILE is empty. "
             "Set it to the teacher's detectron2 config (a path, or a model-zoo name such as "
-            "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml), or set MODEL.DISTILL.TYPE NONE."
+            "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml), or set both types to NONE."
         )
     if not os.path.isfile(path):
         try:
@@ -49,8 +50,9 @@ def build_teacher(cfg) -> GeneralizedRCNN:
     """Build, load, check and freeze the teacher described by ``cfg.MODEL.TEACHER``.
 
     Raises a clear error if the config or weights are missing, if the weights do not fit
-    the architecture, if the teacher is not a two-stage R-CNN with a box predictor, or if
-    its class count differs from the student's ``MODEL.ROI_HEADS.NUM_CLASSES``.
+    the architecture, if the teacher is not a two-stage R-CNN with a softmax box predictor
+    (no sigmoid cross-entropy or federated loss), or if its class count differs from the
+    student's ``MODEL.ROI_HEADS.NUM_CLASSES``.
 
     Returns:
         the teacher in eval mode with ``requires_grad=False`` on every parameter.
@@ -62,6 +64,12 @@ def build_teacher(cfg) -> GeneralizedRCNN:
             "Set it to the teacher's trained checkpoint (a path or a detectron2:// URL)."
         )
     weights = resolve_weights(cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS")
+    who = (
+        f"the teacher (MODEL.TEACHER.CONFIG_FILE {cfg.MODEL.TEACHER.CONFIG_FILE!r} with "
+        "MODEL.TEACHER.OPTS)"
+    )
+    box = tcfg.MODEL.ROI_BOX_HEAD
+    check_softmax_classifier(box.USE_SIGMOID_CE, box.USE_FED_LOSS, who)
     teacher = build_model(tcfg)
     heads = getattr(teacher, "roi_heads", None)
     if not (
@@ -76,6 +84,7 @@ def build_teacher(cfg) -> GeneralizedRCNN:
             "logits, so the teacher must be a Faster/Mask R-CNN (GeneralizedRCNN with "
             "StandardROIHeads), not e.g. RetinaNet or Cascade R-CNN."
         )
+    check_softmax_predictor(heads.box_predictor, who)
     if heads.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
         raise ValueError(
             f"The teacher predicts {heads.num_classes} classes but the student "

@@ -245,7 +245,9 @@ class MobileNetV2(Backbone):
 
 @BACKBONE_REGISTRY.register()
 def build_mobilenet_v2_backbone(cfg, input_shape: ShapeSpec):
-    """The bare MobileNetV2 of ``cfg.MODEL.MOBILENET`` (OUT_FEATURES, NORM, FREEZE_AT).
+    """The bare MobileNetV2 of ``cfg.MODEL.MOBILENET`` (OUT_FEATURES, NORM), with detectron2's
+    ``MODEL.BACKBONE.FREEZE_AT`` stages frozen (stem, m2, m3, ...; 0 trains everything), as
+    detectron2's ResNet honours it.
 
     Returns:
         MobileNetV2: a :class:`Backbone` whose ``output_shape()`` gives each output's
@@ -253,7 +255,10 @@ def build_mobilenet_v2_backbone(cfg, input_shape: ShapeSpec):
     """
     m = cfg.MODEL.MOBILENET
     return MobileNetV2(
-        input_shape.channels, out_features=m.OUT_FEATURES, norm=m.NORM, freeze_at=m.FREEZE_AT
+        input_shape.channels,
+        out_features=m.OUT_FEATURES,
+        norm=m.NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
     )
 
 
