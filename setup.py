@@ -12,4 +12,7 @@ setup(
     # the sal-detectron2 wheel (see requirements.txt and README), and listing one distribution
     # would install a second copy beside the other.
     install_requires=["torch>=1.10", "torchvision", "fvcore", "pycocotools", "opencv-python"],
+    # ONNX export and ONNX Runtime (tools/export_student.py --format onnx); TorchScript needs
+    # nothing more. The same pins as requirements-deploy.txt.
+    extras_require={"deploy": ["onnx==1.16.2", "onnxruntime==1.18.1"]},
 )

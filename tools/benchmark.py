@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""What distillation costs: training-step time and memory of the plain student, KD and
-DKD, the teacher's forward alone, inference latency, and the DKD loss itself.
+"""What distillation costs: training-step time and memory of the plain student, KD, DKD and
+DKD+ReviewKD (DKD plus ReviewKD's feature term on p2..p6), the teacher's forward alone,
+inference latency, and the DKD loss itself.
 
     python tools/benchmark.py                 # configs/COCO pairs at a CPU-sized default
     python tools/benchmark.py --device cuda --amp
     python tools/benchmark.py --toy           # seconds; what the tests run
+    python tools/benchmark.py --deploy --size 800 --pairs R101-R18   # deployment latency
+
+--deploy measures inference instead (batch 1): the teacher and the student in PyTorch, the
+student exported to TorchScript and to ONNX Runtime (checked against PyTorch first).
 
 Models have random weights (the teacher's are saved and loaded through the real strict
 loading path); inputs are random images with a few boxes, the same for every variant.
@@ -30,6 +35,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from dkd_det.checkpoint import (
+    DeployedModel,
+    MissingDeployExtra,
+    export_deployable,
+    pytorch_detections,
+)
 from dkd_det.config import get_dkd_cfg, student_cfg
 from dkd_det.losses import dkd_loss
 from dkd_det.modeling import get_teacher_cfg
@@ -49,6 +60,9 @@ TOY_OPTS = [
     "64",
     "MODEL.RPN.POST_NMS_TOPK_TRAIN",
     "200",
+    # p6 of one 64-px image is one pixel, on which the ABF modules' batch norm cannot train
+    "MODEL.DISTILL.FEATURE.REVIEWKD.NORM",
+    "",
 ]
 
 
@@ -166,6 +180,12 @@ def benchmark_pair(config_file: str, args, workdir: str) -> Dict[str, float]:
             _cfg(config_file, teacher_opts + ["MODEL.DISTILL.TYPE", kind])
         )
         models[kind.lower()].load_state_dict(plain.state_dict())  # the same student weights
+    # DKD + ReviewKD: the same student weights; the ABF modules (training only) are its own.
+    models["reviewdkd"] = build_model(
+        _cfg(config_file, teacher_opts + ["MODEL.DISTILL.FEATURE.TYPE", "REVIEWKD"])
+    )
+    missing = models["reviewdkd"].load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("feature_distiller.") for k in missing), missing
     cfg = _cfg(config_file, opts)
     height, width = args.size, int(args.size * 4 / 3) // 32 * 32
     inputs = _inputs(args.batch, height, width, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
@@ -174,8 +194,10 @@ def benchmark_pair(config_file: str, args, workdir: str) -> Dict[str, float]:
 
     for name, model in models.items():
         model.train()
+        # lr 0: the weights stay as built, so every repetition times the same model (HCL
+        # against a random teacher's large features would otherwise diverge in a few steps).
         optimizer = torch.optim.SGD(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9
+            [p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9
         )
         scaler = torch.cuda.amp.GradScaler(enabled=args.amp and args.device.startswith("cuda"))
 
@@ -214,6 +236,7 @@ def benchmark_pair(config_file: str, args, workdir: str) -> Dict[str, float]:
 
         result[f"{name}_inference_ms"] = median_ms(infer, args.iters, args.warmup, args.device)
     result["dkd_over_plain"] = result["dkd_step_ms"] / result["plain_step_ms"]
+    result["reviewdkd_over_dkd"] = result["reviewdkd_step_ms"] / result["dkd_step_ms"]
     result["dkd_over_plain_plus_teacher"] = result["dkd_step_ms"] / (
         result["plain_step_ms"] + result["teacher_forward_ms"]
     )
@@ -254,12 +277,15 @@ def format_table(results: Dict[str, Dict[str, float]], loss: Optional[Dict[str, 
         ("plain step ms", "plain_step_ms"),
         ("KD step ms", "kd_step_ms"),
         ("DKD step ms", "dkd_step_ms"),
+        ("DKD+ReviewKD step ms", "reviewdkd_step_ms"),
+        ("DKD+ReviewKD/DKD", "reviewdkd_over_dkd"),
         ("teacher fwd ms", "teacher_forward_ms"),
         ("DKD/plain", "dkd_over_plain"),
         ("DKD/(plain+teacher)", "dkd_over_plain_plus_teacher"),
         ("KD/(plain+teacher)", "kd_over_plain_plus_teacher"),
         ("plain MiB", "plain_step_mib"),
         ("DKD MiB", "dkd_step_mib"),
+        ("DKD+ReviewKD MiB", "reviewdkd_step_mib"),
         ("teacher fwd MiB", "teacher_forward_mib"),
         ("student infer ms", "student_inference_ms"),
         ("teacher infer ms", "teacher_inference_ms"),
@@ -283,6 +309,124 @@ def format_table(results: Dict[str, Dict[str, float]], loss: Optional[Dict[str, 
             f"| ratio | {loss['time_ratio']:.2f} | {loss['memory_ratio']:.2f} |",
         ]
     return "\n".join(lines)
+
+
+def peak_rss_mib(fn: Callable[[], None], device: str) -> float:
+    """Peak resident memory (MiB) of the process while ``fn`` runs, above what was resident
+    before: unlike torch's profiler it also sees ONNX Runtime's allocations. Linux: resets
+    the high-water mark through /proc/self/clear_refs; elsewhere, and on a GPU,
+    :func:`peak_mib` (tensor memory)."""
+    if device.startswith("cuda") or not os.path.exists("/proc/self/clear_refs"):
+        return peak_mib(fn, device)
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    fn()
+    return (status("VmHWM:") - before) / 1024
+
+
+def benchmark_deploy(pair: str, args, workdir: str) -> List[Dict]:
+    """Inference of one image (batch 1): the teacher and the student in PyTorch, the student as
+    traced TorchScript and in ONNX Runtime, each exported and checked against the PyTorch
+    student first. Rows: {"model", "runtime", "ms", "mib", "note"} (ms None: not run)."""
+    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.RPN.NMS_THRESH", "1.0"]
+    opts += TOY_OPTS if args.toy else []
+    cfg = _cfg(PAIRS[pair], opts + ["MODEL.TEACHER.OPTS", repr(opts)])
+    torch.manual_seed(0)
+    teacher = build_model(get_teacher_cfg(cfg)).eval()
+    scfg = student_cfg(cfg)
+    student = build_model(scfg).eval()
+    height, width = args.size, int(args.size * 4 / 3) // 32 * 32
+    image = _inputs(1, height, width, cfg.MODEL.ROI_HEADS.NUM_CLASSES)[0]["image"]
+    teacher_name, student_name = pair.split("-")
+    runs = [(teacher_name, "PyTorch", teacher, ""), (student_name, "PyTorch", student, "")]
+    for fmt, runtime in (("torchscript", "TorchScript (trace)"), ("onnx", "ONNX Runtime")):
+        folder = os.path.join(workdir, fmt)
+        try:
+            export_deployable(scfg, student, folder, fmt, [("benchmark image", image)])
+            deployed = DeployedModel(folder, device=args.device)
+        except (MissingDeployExtra, ValueError) as e:  # no onnxruntime, no CUDA provider
+            runs.append((student_name, runtime, None, str(e)))
+            continue
+        if fmt == "onnx":
+            runtime += f" (opset {deployed.info['opset']})"
+        runs.append((student_name, runtime, deployed, ""))
+    rows = []
+    for name, runtime, model, note in runs:
+        row = {"model": name, "runtime": runtime, "ms": None, "mib": None, "note": note}
+        if model is not None:
+            if isinstance(model, torch.nn.Module):
+
+                def infer(model=model):
+                    pytorch_detections(model, image)
+
+            else:
+
+                def infer(model=model):
+                    model(image)
+
+            # Memory of the first call: ONNX Runtime's arena (like torch's CUDA cache) keeps
+            # what it allocated, so later calls would show only what is not reused.
+            row["mib"] = peak_rss_mib(infer, args.device)
+            row["ms"] = median_ms(infer, args.iters, args.warmup, args.device)
+        rows.append(row)
+        print(f"[benchmark] {name} {runtime}: {row['ms'] or note}", flush=True)
+    return rows
+
+
+def format_deploy_table(results: Dict[str, List[Dict]]) -> str:
+    """--deploy's rows as a markdown table; speed-up relative to the pair's teacher."""
+    lines = [
+        "| model | runtime | median ms | speed-up vs teacher | peak MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for rows in results.values():
+        teacher_ms = rows[0]["ms"]
+        for r in rows:
+            if r["ms"] is None:
+                lines.append(f"| {r['model']} | {r['runtime']} | n/a: {r['note']} | | |")
+            else:
+                lines.append(
+                    f"| {r['model']} | {r['runtime']} | {r['ms']:.0f} | "
+                    f"{teacher_ms / r['ms']:.2f}x | {r['mib']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+def main_deploy(args) -> dict:
+    """--deploy: :func:`benchmark_deploy` for every pair; prints the table, writes the JSON."""
+    results = {}
+    for pair in args.pairs:
+        print(f"[benchmark] deploy {pair} ({PAIRS[pair]})", flush=True)
+        with tempfile.TemporaryDirectory() as workdir:
+            results[pair] = benchmark_deploy(pair, args, workdir)
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    memory = "GPU tensor memory" if args.device.startswith("cuda") else "process RSS"
+    memory += " of the first call"
+    header = (
+        f"device: {device}; torch {torch.__version__}; batch 1, a "
+        f"{args.size}x{int(args.size * 4 / 3) // 32 * 32} image; random weights, RPN NMS off; "
+        f"median of {args.iters} after {args.warmup} warm-up; peak MiB: {memory} above before"
+    )
+    print("\n" + header + "\n\n" + format_deploy_table(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    report = {
+        "settings": {**vars(args), "device_name": device, "torch": torch.__version__},
+        "deploy": results,
+    }
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwritten: {args.output}")
+    return report
 
 
 def main(argv=None) -> dict:
@@ -313,9 +457,17 @@ def main(argv=None) -> dict:
         "--toy", action="store_true", help="tiny sizes, 1 iteration: checks that it runs"
     )
     parser.add_argument("--output", default="outputs/benchmark/benchmark.json")
+    parser.add_argument(
+        "--deploy",
+        action="store_true",
+        help="inference latency and memory instead: teacher, student, student TorchScript and "
+        "ONNX Runtime (batch 1)",
+    )
     args = parser.parse_args(argv)
     if args.toy:
         args.size, args.batch, args.rois, args.iters, args.warmup = 64, 1, 32, 1, 1
+    if args.deploy:
+        return main_deploy(args)
     results = {}
     for pair in args.pairs:
         print(f"[benchmark] {pair} ({PAIRS[pair]})", flush=True)

@@ -10,15 +10,33 @@ are known, OUTPUT/metadata.json (which tools/demo.py reads). Vanilla detectron2 
 
     cfg = get_cfg(); cfg.merge_from_file("exported/dkd_r101_r18/config.yaml")
     model = build_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+
+--format torchscript (traced; --torchscript-method script to script it) or --format onnx
+(opset 16, needs the deploy extra) writes OUTPUT/model.ts or OUTPUT/model.onnx and
+OUTPUT/deploy.json (input format, pixel mean/std, size limits, output names, class names),
+then checks that the file gives the PyTorch student's detections on --check-images (default:
+images of DATASETS.TEST[0] when readable) and random images; it fails if they differ.
 """
 
 import argparse
 import logging
+import os
 import sys
 
 from detectron2.utils.logger import setup_logger
 
-from dkd_det.checkpoint import checkpoint_size, export_student, resolve_weights
+from dkd_det.checkpoint import (
+    DEPLOY_FORMATS,
+    ONNX_OPSET,
+    MissingDeployExtra,
+    Tolerances,
+    checkpoint_size,
+    export_deployable,
+    export_student,
+    require_onnx,
+    resolve_weights,
+    sample_inputs,
+)
 from dkd_det.config import get_dkd_cfg, student_cfg
 from dkd_det.data import dataset_metadata, save_metadata
 from dkd_det.engine import load_student
@@ -26,9 +44,64 @@ from dkd_det.engine import load_student
 logger = logging.getLogger("dkd_det.export")
 
 
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _check_files(cfg, args):
+    """The images the deploy check runs on: --check-images (files or folders), else the first
+    of DATASETS.TEST[0] when it is registered and on disk, else none (random images only)."""
+    files = []
+    for path in args.check_images or []:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_EXTS))
+            files += [os.path.join(path, n) for n in names]
+        else:
+            files.append(path)
+    if args.check_images:
+        return files[: args.num_check_images]
+    from detectron2.data import DatasetCatalog
+
+    from dkd_det.data import register_coco_format
+
+    try:
+        register_coco_format(cfg)
+        dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_check_images]
+        files = [d["file_name"] for d in dicts if os.path.isfile(d["file_name"])]
+    except (IndexError, KeyError, OSError, AssertionError) as e:
+        logger.info("No test-set images for the check (%s): random images only.", e)
+    if not files:
+        logger.warning(
+            "The check runs on random images only: pass --check-images for real ones (a "
+            "trained student may detect nothing in noise, which checks little)."
+        )
+    return files
+
+
+def export_deploy(args, cfg, model):
+    """--format torchscript/onnx: the deployable file, deploy.json and the check."""
+    files = _check_files(cfg, args)
+    images = sample_inputs(cfg, files, num_random=0 if files else 1)
+    classes = dataset_metadata(cfg).get("thing_classes", None)
+    return export_deployable(
+        cfg,
+        model,
+        args.output,
+        args.format,
+        images,
+        classes,
+        method=args.torchscript_method,
+        opset=args.opset,
+        check=not args.no_check,
+        tol=Tolerances(box_px=args.box_tol, score=args.score_tol),
+    )
+
+
 def export(args):
     """Load the trained student strictly (on the CPU) and write the export; returns
-    {"config", "weights", "teacher_weights"} paths ("" when the teacher's file is unavailable)."""
+    {"config", "weights", "teacher_weights"} paths ("" when the teacher's file is unavailable),
+    or for --format torchscript/onnx :func:`export_deployable`'s result."""
+    if args.format == "onnx":
+        require_onnx()  # before any work
     cfg = student_cfg(get_dkd_cfg(args.config_file, args.opts))
     cfg.MODEL.DEVICE = "cpu"
     if args.weights:
@@ -38,6 +111,8 @@ def export(args):
             "No weights: pass --weights (e.g. output/dkd_r101_r18/model_final.pth) "
             "or set MODEL.WEIGHTS."
         )
+    if args.format != "detectron2":
+        return export_deploy(args, cfg, load_student(cfg))
     paths = export_student(cfg, load_student(cfg), args.output)
     classes = dataset_metadata(cfg).get("thing_classes", None)
     if classes is not None:
@@ -48,7 +123,7 @@ def export(args):
             paths["teacher_weights"] = resolve_weights(
                 cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS"
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:
             logger.warning("Teacher's weights not available, their size is not reported: %s", e)
     return paths
 
@@ -70,6 +145,37 @@ def main(argv=None):
     )
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument(
+        "--format",
+        default="detectron2",
+        choices=("detectron2",) + DEPLOY_FORMATS,
+        help="detectron2: plain config + weights (default); torchscript: model.ts; "
+        "onnx: model.onnx (needs pip install 'dkd_det[deploy]')",
+    )
+    parser.add_argument(
+        "--torchscript-method",
+        default="trace",
+        choices=("trace", "script"),
+        help="torch.jit.trace through detectron2's TracingAdapter (input: one image tensor) "
+        "or scripting_with_instances (input: a tuple of {'image': tensor})",
+    )
+    parser.add_argument(
+        "--opset", type=int, default=ONNX_OPSET, help="ONNX opset (16+: ROIAlignV2 is exact)"
+    )
+    parser.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="PATH",
+        help="images (files or folders) for the check (default: DATASETS.TEST[0]'s)",
+    )
+    parser.add_argument("--num-check-images", type=int, default=3)
+    parser.add_argument(
+        "--box-tol", type=float, default=Tolerances.box_px, help="check: box coordinates, px"
+    )
+    parser.add_argument("--score-tol", type=float, default=Tolerances.score, help="check: scores")
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip the comparison with the PyTorch student"
+    )
+    parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs"
     )
     args = parser.parse_args(argv)
@@ -78,14 +184,40 @@ def main(argv=None):
     setup_logger(name="dkd_det")
     try:
         paths = export(args)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, MissingDeployExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.format != "detectron2":
+        print(
+            f"Wrote {paths['model']} ({os.path.getsize(paths['model']) / 2**20:.1f} MB) "
+            f"and {paths['info']}"
+        )
+        check = paths["check"]
+        if check:
+            print(
+                f"check: {check['images']} images, {check['matched']} of {check['detections']} "
+                f"PyTorch detections reproduced ({check['borderline']} at the score cut-off), "
+                f"max box difference {check['max_box_px']:.2g} px, max score difference "
+                f"{check['max_score']:.2g} (tolerances {args.box_tol} px, {args.score_tol})"
+            )
+        return 0
     print(f"Wrote {paths['config']} and {paths['weights']}")
-    for who, path in (("student", paths["weights"]), ("teacher", paths["teacher_weights"])):
+    # The model's own size for both: the teacher's file is usually a training checkpoint whose
+    # optimizer state about doubles it, which is not the teacher's size.
+    for who, key, path in (
+        ("student", "the exported weights", paths["weights"]),
+        ("teacher", "MODEL.TEACHER.WEIGHTS", paths["teacher_weights"]),
+    ):
         if path:
-            size = checkpoint_size(path)
-            print(f"{who}: {path}: {size['mb']:.1f} MB, {size['params'] / 1e6:.2f} M parameters")
+            try:
+                size = checkpoint_size(path, key)
+            except ValueError as e:
+                logger.warning("The %s's size is not reported: %s", who, e)
+                continue
+            print(
+                f"{who}: {path}: {size['mb']:.1f} MB, {size['params'] / 1e6:.2f} M parameters "
+                f"(the model's weights; file {size['file_mb']:.1f} MB)"
+            )
     return 0
 
 

@@ -7,7 +7,12 @@ from typing import Dict
 import torch
 from detectron2.config import CfgNode, get_cfg
 
-__all__ = ["plain_detectron2_cfg", "export_student"]
+__all__ = ["plain_detectron2_cfg", "export_student", "student_state_dict", "TRAINING_ONLY_PREFIXES"]
+
+# State-dict prefixes of training-only modules that sit beside the student in training
+# checkpoints (dkd_det.modeling's feature distillation terms, e.g. ReviewKD's ABF modules,
+# are the submodule ``feature_distiller``): never part of the student's inference or export.
+TRAINING_ONLY_PREFIXES = ("feature_distiller.",)
 
 # dkd-det's own components -> the detectron2 components they reduce to in inference.
 _PLAIN_NAMES = {
@@ -29,7 +34,8 @@ def _check_keys(cfg: CfgNode, reference: CfgNode, prefix: str = "") -> None:
 
 def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
     """The student's config as plain detectron2: ``GeneralizedRCNN`` with ``StandardROIHeads``,
-    without ``MODEL.DISTILL``, ``MODEL.TEACHER`` and ``DATASETS.COCO_FORMAT``, and with
+    without ``MODEL.DISTILL``, ``MODEL.TEACHER``, ``DATASETS.COCO_FORMAT`` and
+    ``DATALOADER.SKIP_BROKEN_IMAGES``, and with
     ``MODEL.WEIGHTS = weights``. Raises KeyError if any key would be unknown to vanilla
     detectron2."""
     plain = cfg.clone()
@@ -43,6 +49,7 @@ def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
         (plain.MODEL, "DISTILL"),
         (plain.MODEL, "TEACHER"),
         (plain.DATASETS, "COCO_FORMAT"),
+        (plain.DATALOADER, "SKIP_BROKEN_IMAGES"),
     ):
         node.pop(key, None)
     # dkd-det's MobileNetV2 keys: meaningless for detectron2's own backbones. A MobileNetV2
@@ -55,9 +62,16 @@ def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
     return plain
 
 
+def student_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` without the keys of training-only modules (:data:`TRAINING_ONLY_PREFIXES`):
+    what a vanilla detectron2 model of the student's config holds."""
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
 def export_student(cfg: CfgNode, model: torch.nn.Module, output_dir: str) -> Dict[str, str]:
     """Write ``output_dir/config.yaml`` (plain detectron2) and ``output_dir/model_final.pth``
-    (``{"model": student state_dict}``, CPU tensors). The class names, which a plain config
+    (``{"model": student state_dict}``, CPU tensors, without training-only modules such as
+    ReviewKD's ABF: :func:`student_state_dict`). The class names, which a plain config
     cannot hold, go beside them with :func:`dkd_det.data.save_metadata`.
 
     Args:
@@ -70,7 +84,7 @@ def export_student(cfg: CfgNode, model: torch.nn.Module, output_dir: str) -> Dic
     plain = plain_detectron2_cfg(cfg)  # fails before anything is written
     os.makedirs(output_dir, exist_ok=True)
     weights_out = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in student_state_dict(model.state_dict()).items()}
     torch.save({"model": state, "__author__": "dkd-det export"}, weights_out)
     plain.defrost()
     plain.MODEL.WEIGHTS = weights_out

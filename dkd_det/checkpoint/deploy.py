@@ -1,0 +1,518 @@
+"""Deployable students: TorchScript (traced or scripted) and ONNX files made with
+``detectron2.export``, the JSON a user needs to feed them, and the check that they give the
+PyTorch student's detections.
+
+Every exported model follows detectron2's own deployment recipe (its
+``tools/deploy/export_model.py``): it takes one float32 ``(3, H, W)`` image in
+``cfg.INPUT.FORMAT`` channel order, values 0-255, *already resized* the way
+``DefaultPredictor`` resizes (shortest side ``INPUT.MIN_SIZE_TEST``, longest at most
+``INPUT.MAX_SIZE_TEST``); normalisation and padding happen inside. It returns the boxes
+(XYXY, in the resized image's pixels), scores and classes, without detectron2's final
+rescaling to the original size (``model.inference(..., do_postprocess=False)``).
+"""
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import transforms as T
+from detectron2.export import TracingAdapter, scripting_with_instances
+from detectron2.structures import Boxes
+
+__all__ = [
+    "DEPLOY_FILE",
+    "DEPLOY_FORMATS",
+    "DEPLOY_EXTRA_HINT",
+    "ONNX_OPSET",
+    "DeployCheckError",
+    "DeployedModel",
+    "Detections",
+    "MissingDeployExtra",
+    "Tolerances",
+    "check_deployed",
+    "compare_detections",
+    "export_deployable",
+    "export_onnx",
+    "export_torchscript",
+    "pytorch_detections",
+    "require_onnx",
+    "resize_for_model",
+    "sample_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+# Written beside model.ts / model.onnx: what a user needs to feed the file and read its output.
+DEPLOY_FILE = "deploy.json"
+DEPLOY_FORMATS = ("torchscript", "onnx")
+_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# detectron2 pools with ROIAlignV2 (aligned=True: pixel centres at +0.5). ONNX's RoiAlign has
+# no such mode before opset 16 (coordinate_transformation_mode="half_pixel" is new in 16), so
+# torchvision exports it at opset 11 as aligned=False with a warning: every pooled region is
+# off by half a feature-map pixel and the boxes differ by tens of pixels. Opset 16 is exact.
+ONNX_OPSET = 16
+DEPLOY_EXTRA_HINT = (
+    "pip install 'dkd_det[deploy]' (or `make setup-deploy`, which installs "
+    "requirements-deploy.txt into .venv)"
+)
+
+
+class MissingDeployExtra(ImportError):
+    """onnx or onnxruntime is not installed (they are the optional ``deploy`` extra)."""
+
+
+class DeployCheckError(ValueError):
+    """The exported model does not reproduce the PyTorch student's detections."""
+
+
+def require_onnx():
+    """``(onnx, onnxruntime)``, imported; raises :class:`MissingDeployExtra` naming what to
+    install when either is missing."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise MissingDeployExtra(
+            f"--format onnx needs onnx and onnxruntime ({e}); install them with "
+            f"{DEPLOY_EXTRA_HINT}."
+        ) from e
+    return onnx, onnxruntime
+
+
+class Detections(NamedTuple):
+    """One image's detections: boxes (N, 4) XYXY in the model input's pixels, scores (N,)
+    in [0, 1], classes (N,) int64 contiguous class ids; CPU tensors."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    classes: torch.Tensor
+
+
+@dataclass
+class Tolerances:
+    """How close an exported model's detection must be to the PyTorch student's.
+
+    box_px: largest difference of any box coordinate, in model-input pixels.
+    score: largest difference of the score (probability).
+    Classes must be equal. A detection that only one side has is tolerated when its score is
+    within ``score`` of where the other side's output was cut (``SCORE_THRESH_TEST``, or the
+    lowest kept score when ``DETECTIONS_PER_IMAGE`` detections were kept): there a score
+    difference within tolerance legitimately decides whether it is kept.
+    """
+
+    box_px: float = 0.05
+    score: float = 1e-3
+
+
+def resize_for_model(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 image in ``cfg.INPUT.FORMAT`` -> the exported model's input: float32
+    (3, H', W'), resized as :class:`DefaultPredictor` does (ResizeShortestEdge to
+    ``INPUT.MIN_SIZE_TEST``, at most ``INPUT.MAX_SIZE_TEST``)."""
+    aug = T.ResizeShortestEdge(
+        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+    )
+    resized = aug.get_transform(image).apply_image(image)
+    return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+
+
+def sample_inputs(
+    cfg: CfgNode, files: Sequence[str] = (), num_random: int = 0, seed: int = 0
+) -> List[Tuple[str, torch.Tensor]]:
+    """(name, model input) pairs for tracing and checking an export: the image ``files`` (read
+    with OpenCV, converted to ``cfg.INPUT.FORMAT``), ``num_random`` random images, and always
+    one random image whose aspect ratio is the transpose of the first one's, so that a traced
+    model that kept the tracing input's shape fails the check.
+
+    Raises:
+        OSError: a file cannot be read as an image.
+    """
+    import cv2
+
+    out = []
+    for path in files:
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise OSError(f"{path}: cannot read the image")
+        if cfg.INPUT.FORMAT == "RGB":
+            image = image[:, :, ::-1]
+        out.append((path, resize_for_model(cfg, np.ascontiguousarray(image))))
+    rng = np.random.default_rng(seed)
+    shapes = [(480, 640)] * num_random
+    first = out[0][1].shape[1:] if out else (shapes or [(480, 640)])[0]
+    shapes.append((int(first[1]), int(first[0]) + 32))  # + 32: a square image still changes
+    for k, (h, w) in enumerate(shapes):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out.append((f"random image {k} ({h}x{w})", resize_for_model(cfg, image)))
+    return out
+
+
+def _to_detections(boxes, scores, classes) -> Detections:
+    return Detections(
+        torch.as_tensor(boxes).detach().float().cpu().reshape(-1, 4),
+        torch.as_tensor(scores).detach().float().cpu(),
+        torch.as_tensor(classes).detach().long().cpu(),
+    )
+
+
+@torch.no_grad()
+def pytorch_detections(model: torch.nn.Module, image: torch.Tensor) -> Detections:
+    """The student's own detections for one (3, H, W) model input, without the final rescaling,
+    as the exported models compute them."""
+    inst = model.inference([{"image": image.to(model.device)}], do_postprocess=False)[0]
+    return _to_detections(inst.pred_boxes.tensor, inst.scores, inst.pred_classes)
+
+
+def _inference(model, inputs):
+    # detectron2's recipe: no postprocessing, so the graph needs no original-size inputs.
+    return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+
+
+def _tracing_adapter(model: torch.nn.Module, sample: torch.Tensor):
+    """detectron2's TracingAdapter around the student and the names of its flat outputs
+    (the Instances fields in the order TracingAdapter flattens them, then ``image_size``)."""
+    # eval() on the adapter too: torch.onnx.export restores the wrapper's mode afterwards,
+    # and a fresh Module is in training mode, which would put the student in it.
+    adapter = TracingAdapter(model.eval(), [{"image": sample}], _inference).eval()
+    adapter(sample)  # records the outputs' schema
+    instances_schema = adapter.outputs_schema.schemas[0].schemas[0]
+    return adapter, list(instances_schema.keys) + ["image_size"]
+
+
+class _ScriptableStudent(torch.nn.Module):
+    """What ``torch.jit.script`` compiles: dicts out, not Instances (pytorch#46944), as in
+    detectron2's export_model.py."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, inputs: Tuple[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        return [i.get_fields() for i in self.model.inference(inputs, do_postprocess=False)]
+
+
+def export_torchscript(
+    model: torch.nn.Module, sample: torch.Tensor, path: str, method: str = "trace"
+) -> Dict:
+    """Write the student as TorchScript to ``path``.
+
+    Args:
+        model: the student (``GeneralizedRCNN``), in eval mode.
+        sample: a (3, H, W) model input to trace with (``method="trace"``).
+        method: "trace" (``TracingAdapter`` + ``torch.jit.trace``: input one image tensor,
+            output the tuple ``outputs``) or "script" (``scripting_with_instances``: input a
+            tuple of ``{"image": tensor}``, output a list of dicts of the same names).
+
+    Returns:
+        {"method", "outputs": names of the outputs, in order}.
+    """
+    if method == "trace":
+        adapter, names = _tracing_adapter(model, sample)
+        # check_trace re-runs and compares with a second trace, which the data-dependent
+        # number of detections makes noisy; the real check is check_deployed's.
+        exported = torch.jit.trace(adapter, (sample,), check_trace=False)
+    elif method == "script":
+        fields = {
+            "proposal_boxes": Boxes,
+            "objectness_logits": torch.Tensor,
+            "pred_boxes": Boxes,
+            "scores": torch.Tensor,
+            "pred_classes": torch.Tensor,
+        }
+        exported = scripting_with_instances(_ScriptableStudent(model), fields)
+        names = ["pred_boxes", "pred_classes", "scores"]
+    else:
+        raise ValueError(f"Unknown TorchScript method {method!r}: use 'trace' or 'script'.")
+    torch.jit.save(exported, path)
+    return {"method": method, "outputs": names}
+
+
+def export_onnx(
+    model: torch.nn.Module, sample: torch.Tensor, path: str, opset: int = ONNX_OPSET
+) -> Dict:
+    """Write the student as ONNX (traced through ``TracingAdapter``) to ``path``: input
+    ``image`` (3, height, width) with dynamic height and width, outputs as in
+    :func:`export_torchscript`'s trace.
+
+    Raises:
+        ValueError: ``opset`` cannot express the model's ROIAlignV2 (see ``ONNX_OPSET``).
+        MissingDeployExtra: onnx is not installed.
+    """
+    require_onnx()
+    pooler = model.roi_heads.box_pooler.level_poolers[0]
+    if opset < 16 and getattr(pooler, "aligned", False):
+        raise ValueError(
+            f"ONNX opset {opset} cannot express detectron2's ROIAlignV2 (aligned=True): RoiAlign "
+            "has coordinate_transformation_mode='half_pixel' only from opset 16, and "
+            "torchvision exports it as aligned=False below that, which moves every pooled box "
+            "by half a pixel. Use --opset 16 or higher."
+        )
+    adapter, names = _tracing_adapter(model, sample)
+    axes = {"image": {1: "height", 2: "width"}}
+    axes.update({name: {0: "detections"} for name in names if name != "image_size"})
+    torch.onnx.export(
+        adapter,
+        (sample,),
+        path,
+        opset_version=opset,
+        input_names=["image"],
+        output_names=names,
+        dynamic_axes=axes,
+    )
+    return {"opset": opset, "outputs": names}
+
+
+class DeployedModel:
+    """An exported student, loaded from its folder (``model.ts`` or ``model.onnx`` and
+    ``deploy.json``) and called like the PyTorch one: one (3, H, W) model input ->
+    :class:`Detections`. Needs torch and torchvision (their ops are in the graph), and for
+    ONNX onnxruntime; never dkd-det's or detectron2's model code."""
+
+    def __init__(self, folder: str, device: str = "cpu", num_threads: Optional[int] = None):
+        with open(os.path.join(folder, DEPLOY_FILE)) as f:
+            self.info = json.load(f)
+        self.format = self.info["format"]
+        self.path = os.path.join(folder, self.info["file"])
+        self.device = torch.device(device)
+        if self.format == "torchscript":
+            import torchvision  # noqa: F401  registers the nms / roi_align ops the graph calls
+
+            self.model = torch.jit.load(self.path, map_location=self.device)
+        elif self.format == "onnx":
+            _, ort = require_onnx()
+            options = ort.SessionOptions()
+            # The same thread count as torch, so that latencies compare.
+            options.intra_op_num_threads = num_threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            providers = ["CPUExecutionProvider"]
+            if self.device.type == "cuda":
+                if "CUDAExecutionProvider" not in ort.get_available_providers():
+                    raise ValueError(
+                        "This onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu."
+                    )
+                providers.insert(0, "CUDAExecutionProvider")
+            self.model = ort.InferenceSession(self.path, options, providers=providers)
+        else:
+            raise ValueError(f"{self.path}: unknown format {self.format!r}")
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor) -> Detections:
+        names = self.info["outputs"]
+        if self.format == "onnx":
+            values = self.model.run(names, {"image": image.cpu().numpy()})
+            out = dict(zip(names, values))
+        elif self.info["method"] == "script":
+            out = self.model(({"image": image.to(self.device)},))[0]
+        else:
+            out = dict(zip(names, self.model(image.to(self.device))))
+        return _to_detections(out["pred_boxes"], out["scores"], out["pred_classes"])
+
+
+def compare_detections(
+    ref: Detections, got: Detections, tol: Tolerances, score_thresh: float, max_dets: int
+) -> Tuple[Dict[str, float], List[str]]:
+    """Match ``got`` to ``ref`` one to one (same class, every box coordinate within
+    ``tol.box_px``, score within ``tol.score``; highest reference scores first).
+
+    Returns:
+        stats {"matched", "borderline" (unmatched but tolerated, see :class:`Tolerances`),
+        "max_box_px", "max_score"} over the matched pairs, and the problems (one line per
+        detection without a counterpart; empty when the outputs agree).
+    """
+    cutoff = score_thresh
+    for d in (ref, got):
+        if len(d) and len(d.scores) >= max_dets:
+            cutoff = max(cutoff, float(d.scores.min()))
+    used = torch.zeros(len(got.scores), dtype=torch.bool)
+    stats = {"matched": 0, "borderline": 0, "max_box_px": 0.0, "max_score": 0.0}
+    problems = []
+    for i in torch.argsort(ref.scores, descending=True).tolist():
+        box_diff = (got.boxes - ref.boxes[i]).abs().amax(dim=1)
+        score_diff = (got.scores - ref.scores[i]).abs()
+        ok = (
+            ~used
+            & (got.classes == ref.classes[i])
+            & (box_diff <= tol.box_px)
+            & (score_diff <= tol.score)
+        )
+        if ok.any():
+            j = int(torch.where(ok, box_diff, torch.full_like(box_diff, float("inf"))).argmin())
+            used[j] = True
+            stats["matched"] += 1
+            stats["max_box_px"] = max(stats["max_box_px"], float(box_diff[j]))
+            stats["max_score"] = max(stats["max_score"], float(score_diff[j]))
+        elif float(ref.scores[i]) <= cutoff + tol.score:
+            stats["borderline"] += 1
+        else:
+            near = ""
+            if len(got.scores):
+                j = int(box_diff.argmin())
+                near = (
+                    f"; nearest exported: class {int(got.classes[j])}, score "
+                    f"{float(got.scores[j]):.4f}, box {_fmt_box(got.boxes[j])}"
+                )
+            problems.append(
+                f"PyTorch's class {int(ref.classes[i])}, score {float(ref.scores[i]):.4f}, box "
+                f"{_fmt_box(ref.boxes[i])} has no exported counterpart{near}"
+            )
+    for j in torch.nonzero(~used).flatten().tolist():
+        if float(got.scores[j]) <= cutoff + tol.score:
+            stats["borderline"] += 1
+        else:
+            problems.append(
+                f"exported class {int(got.classes[j])}, score {float(got.scores[j]):.4f}, box "
+                f"{_fmt_box(got.boxes[j])} is not in PyTorch's output"
+            )
+    return stats, problems
+
+
+def _fmt_box(box: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in box.tolist()) + "]"
+
+
+def check_deployed(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    deployed: DeployedModel,
+    images: Sequence[Tuple[str, torch.Tensor]],
+    tol: Tolerances = Tolerances(),
+) -> Dict[str, float]:
+    """Run the PyTorch student and the exported model on ``images`` ((name, model input)
+    pairs) and compare their detections with :func:`compare_detections`.
+
+    Returns:
+        totals over the images: {"images", "detections" (PyTorch's), "matched",
+        "borderline", "max_box_px", "max_score"}.
+
+    Raises:
+        DeployCheckError: some detection has no counterpart; the message names the image, the
+            detections and the tolerances.
+    """
+    total = {"images": 0, "detections": 0, "matched": 0, "borderline": 0}
+    total.update(max_box_px=0.0, max_score=0.0)
+    for name, image in images:
+        ref, got = pytorch_detections(model, image), deployed(image)
+        stats, problems = compare_detections(
+            ref,
+            got,
+            tol,
+            cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
+        if problems:
+            shown = "\n  ".join(problems[:5])
+            more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise DeployCheckError(
+                f"The {deployed.format} export does not reproduce the PyTorch student on "
+                f"{name} ({tuple(image.shape[1:])} input): {len(problems)} of "
+                f"{len(ref.scores)} PyTorch / {len(got.scores)} exported detections differ "
+                f"beyond the tolerances (box {tol.box_px} px, score {tol.score}, same class):"
+                f"\n  {shown}{more}"
+            )
+        total["images"] += 1
+        total["detections"] += len(ref.scores)
+        for key in ("matched", "borderline"):
+            total[key] += stats[key]
+        for key in ("max_box_px", "max_score"):
+            total[key] = max(total[key], stats[key])
+    return total
+
+
+def _deploy_info(cfg: CfgNode, fmt: str, classes: Optional[Sequence[str]], extra: Dict) -> Dict:
+    return {
+        "format": fmt,
+        "file": _FILES[fmt],
+        **extra,
+        "input": {
+            "name": "image",
+            "dtype": "float32",
+            "shape": ["3", "height", "width"],
+            "channel_order": cfg.INPUT.FORMAT,
+            "value_range": [0, 255],
+            "resize": {
+                "min_size": cfg.INPUT.MIN_SIZE_TEST,
+                "max_size": cfg.INPUT.MAX_SIZE_TEST,
+                "how": "shortest side to min_size, longest at most max_size, bilinear "
+                "(detectron2's ResizeShortestEdge, as DefaultPredictor)",
+            },
+            # Applied inside the model: informative, never to be applied by the caller.
+            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": list(cfg.MODEL.PIXEL_STD),
+            "normalized_inside_model": True,
+            "size_divisibility": 32 if "fpn" in cfg.MODEL.BACKBONE.NAME else 0,
+        },
+        "output_boxes": "XYXY in the resized input's pixels; multiply x by original_width / "
+        "width and y by original_height / height for the original image",
+        "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        "nms_threshold": cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
+        "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        "thing_classes": list(classes) if classes is not None else None,
+        "torch": torch.__version__,
+    }
+
+
+def export_deployable(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    output_dir: str,
+    fmt: str,
+    images: Sequence[Tuple[str, torch.Tensor]],
+    classes: Optional[Sequence[str]] = None,
+    method: str = "trace",
+    opset: int = ONNX_OPSET,
+    check: bool = True,
+    tol: Tolerances = Tolerances(),
+) -> Dict:
+    """Export the student to ``output_dir/model.ts`` or ``model.onnx`` plus
+    ``output_dir/deploy.json`` (input format, pixel mean/std, size limits, output names,
+    class names, the check's result), then check it on ``images``.
+
+    Args:
+        cfg: the student's config (see :func:`dkd_det.config.student_cfg`).
+        fmt: "torchscript" or "onnx".
+        images: (name, (3, H, W) model input) pairs; the first is the tracing input.
+        method: TorchScript's "trace" or "script".
+
+    Returns:
+        {"model": path, "info": path of deploy.json, "check": :func:`check_deployed`'s totals
+        (None without check)}.
+
+    Raises:
+        DeployCheckError: the check failed; the model file and deploy.json are removed.
+        MissingDeployExtra: ONNX without onnx/onnxruntime.
+    """
+    if fmt not in DEPLOY_FORMATS:
+        raise ValueError(f"Unknown format {fmt!r}: one of {DEPLOY_FORMATS}.")
+    if fmt == "onnx":
+        require_onnx()
+    os.makedirs(output_dir, exist_ok=True)
+    model_path = os.path.join(output_dir, _FILES[fmt])
+    info_path = os.path.join(output_dir, DEPLOY_FILE)
+    sample = images[0][1].to(model.device)
+    if fmt == "torchscript":
+        extra = export_torchscript(model, sample, model_path, method)
+    else:
+        extra = export_onnx(model, sample, model_path, opset)
+    info = _deploy_info(cfg, fmt, classes, extra)
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=2)
+    result = {"model": model_path, "info": info_path, "check": None}
+    if not check:
+        return result
+    try:
+        deployed = DeployedModel(output_dir, device=str(model.device))
+        result["check"] = check_deployed(cfg, model, deployed, images, tol)
+    except DeployCheckError:
+        # Nothing that failed the check is left to be deployed by mistake.
+        for path in (model_path, info_path):
+            os.remove(path)
+        raise
+    info["check"] = {**result["check"], "tolerances": asdict(tol)}
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=2)
+    return result
