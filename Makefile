@@ -1,7 +1,9 @@
 # make setup : create .venv with Python 3.10 and install the tested stack
 # make test  : run the test suite (sets up first); make test-fast: without the slow tests
+# make setup-deploy : also the optional deploy extra (onnx, onnxruntime: requirements-deploy.txt)
 # make lint  : black, isort and flake8 at line length 100 (settings: pyproject.toml, setup.cfg)
-# make demo  : the embedded default on synthetic data (QUICK=1: toy size)
+# make demo  : the embedded benchmark on synthetic data (SEEDS=N paired seeds, default 3;
+#              QUICK=1: toy size)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The first working python3.10: on PATH, or a pyenv install whose shim is not active.
@@ -10,8 +12,11 @@ PYTHON310 ?= $(shell for p in python3.10 $(HOME)/.pyenv/versions/3.10*/bin/pytho
 PYTEST_ARGS ?=
 LINTED := dkd_det tools tests setup.py
 
-.PHONY: setup test test-fast lint demo
+.PHONY: setup setup-deploy test test-fast lint demo
 setup: $(VENV)/.installed
+
+setup-deploy: setup
+	$(PY) -m pip install -r requirements-deploy.txt
 
 $(VENV)/.installed: requirements.txt setup.py
 	@if [ ! -x $(PY) ]; then \
@@ -34,4 +39,4 @@ lint: setup
 	$(PY) -m flake8 $(LINTED)
 
 demo: setup
-	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick)
+	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS))

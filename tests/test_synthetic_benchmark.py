@@ -1,5 +1,6 @@
-"""`make demo QUICK=1`'s entry point: the whole pipeline at toy size, and a report whose
-AP values are the ones pycocotools computes from the evaluator's own output files."""
+"""tools/synthetic_benchmark.py (`make demo`): its statistics on inputs whose answers are known
+by hand, the pairing of seeds, and the whole pipeline at toy size, whose report must hold the
+AP values pycocotools computes from the evaluator's own output files."""
 
 import json
 import os
@@ -7,94 +8,178 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from helpers import ROOT
+from helpers import ROOT, load_tool
 
-# Every test here starts processes.
-pytestmark = pytest.mark.slow
+bench = load_tool("synthetic_benchmark.py")
+
+
+@pytest.mark.parametrize(
+    "df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (1000, 1.9623)]
+)
+def test_t_quantile_matches_the_tables(df, expected):
+    assert bench.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+
+
+def test_paired_difference_interval_by_hand():
+    # d = 2, 3, 4: mean 3, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    d = bench.paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
+    assert d["mean"] == pytest.approx(3.0) and d["sd"] == pytest.approx(1.0)
+    assert d["ci_low"] == pytest.approx(0.5159, abs=1e-3)
+    assert d["ci_high"] == pytest.approx(5.4841, abs=1e-3)
+    assert d["diffs"] == [2.0, 3.0, 4.0] and d["n"] == 3
+    assert "is better; the interval excludes 0" in bench.describe("DKD", "plain", d)
+    wide = bench.paired_difference([1.0, 3.0, 2.0], [2.0, 1.0, 1.5])  # d = -1, 2, 0.5
+    assert wide["ci_low"] < 0 < wide["ci_high"]
+    assert "includes 0, no difference shown" in bench.describe("DKD", "plain", wide)
+    worse = bench.paired_difference([1.0, 1.0, 1.0, 1.0], [2.0, 2.1, 1.9, 2.0])
+    assert "is worse" in bench.describe("DKD", "plain", worse)
+    one = bench.paired_difference([1.0], [0.5])
+    assert one["mean"] == 0.5 and "no interval" in bench.describe("DKD", "plain", one)
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        bench.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_of_perfect_and_of_identical_detections(tmp_path, tiny_data):
+    """Ground truth as detections is AP 100 on every resample; two identical result files
+    differ by exactly 0 on every resample (the same images are drawn for both)."""
+    gt_json = tiny_data["val"][0]
+    gt = json.load(open(gt_json))
+    perfect = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+        }
+        for a in gt["annotations"]
+    ]
+    shifted = [{**d, "bbox": [d["bbox"][0] + 3, *d["bbox"][1:]], "score": 0.5} for d in perfect]
+    files = {}
+    for name, dets in (("perfect", perfect), ("a", shifted), ("b", shifted)):
+        files[name] = str(tmp_path / f"{name}.json")
+        json.dump(dets, open(files[name], "w"))
+    boot = bench.bootstrap_ap(gt_json, files, num=5)["ap"]
+    assert boot["perfect"] == pytest.approx([100.0] * 5)
+    assert [a - b for a, b in zip(boot["a"], boot["b"])] == [0.0] * 5
+    assert all(0 <= x < 100 for x in boot["a"])
+
+
+def test_seed_pairs_variants_same_init_and_same_batches(tiny_data, dataset_opts, dkd_opts):
+    """Seed k of the plain student and of DKD (which also builds a teacher, drawing from the
+    same random generators) start from the same weights and see the same batches."""
+    from dkd_det.data import register_coco_format
+    from dkd_det.engine import Trainer
+
+    from helpers import DKD_R18, make_cfg
+
+    first = {}
+    for kind in ("NONE", "DKD"):
+        cfg = make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.DISTILL.TYPE", kind, "SEED", "7")
+        register_coco_format(cfg)
+        torch.manual_seed(7)
+        trainer = Trainer(cfg)
+        batches = iter(trainer.data_loader)
+        files = [[x["file_name"] for x in next(batches)] for _ in range(3)]
+        flips = [next(batches)[0]["image"].sum().item() for _ in range(2)]
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        first[kind] = (files, flips, weights)
+    assert first["NONE"][0] == first["DKD"][0] and first["NONE"][1] == first["DKD"][1]
+    plain_w, dkd_w = first["NONE"][2], first["DKD"][2]
+    assert plain_w.keys() == dkd_w.keys()
+    assert all(torch.equal(plain_w[k], dkd_w[k]) for k in plain_w)
+
+
+def _run(out, *extra):
+    return subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "synthetic_benchmark.py"),
+            "--quick",
+            "--seeds", "2",
+            "--bootstrap", "10",
+            "--output", str(out / "outputs"),
+            "--data", str(out / "data"),
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "synthetic_benchmark.py"),
-            "--quick",
-            "--output",
-            str(out / "outputs"),
-            "--data",
-            str(out / "data"),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=900,
-    )
+    run = _run(out)
     assert run.returncode == 0, run.stdout[-4000:]
     return out, run.stdout
 
 
-def test_quick_demo_writes_the_four_files_and_prints_the_table(quick_demo):
+@pytest.mark.slow
+def test_quick_demo_writes_report_plots_and_prints_the_seed_table(quick_demo):
     out, stdout = quick_demo
-    for name in ("report.md", "report.json", "losses.png", "detections.png"):
+    for name in ("report.md", "report.json", "losses.png", "detections.png", "ap_per_seed.png"):
         assert os.path.getsize(out / "outputs" / name) > 0, name
     report = json.loads((out / "outputs" / "report.json").read_text())
-    assert [m["model"] for m in report["models"]] == [
-        "teacher R-50-FPN",
-        "student R-18-FPN",
-        "KD R-50 -> R-18",
-        "DKD R-50 -> R-18",
+    assert report["split"] == "test" and report["seeds"] == [0, 1]
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [
+        (v, s) for s in (0, 1) for v in ("plain", "KD", "DKD")
     ]
-    assert "| model | parameters | AP |" in stdout  # the table is printed at the end
     for stage in (
-        "data:",
-        "training teacher R-50-FPN",
-        "training DKD R-50 -> R-18",
-        "timing inference",
+        "1/6 data:",
+        "2/6 pretrained ResNet-18",
+        "3/6 training the teacher",
+        "6/6 report",
     ):
         assert stage in stdout
-    teacher, student = report["models"][0], report["models"][1]
-    assert teacher["parameters"] > student["parameters"]
-    assert all(m["train_s_per_iter"] > 0 and m["inference_ms"] > 0 for m in report["models"])
+    assert "| variant | seed 0 | seed 1 | mean | sd |" in stdout and "**Verdict.**" in stdout
+    assert "| DKD - plain |" in stdout and "Evaluation noise (bootstrap" in stdout
+    for v, stats in report["variants"].items():
+        aps = [r["bbox"]["AP"] for r in report["runs"] if r["variant"] == v]
+        assert stats["ap"] == aps and stats["mean"] == pytest.approx(sum(aps) / 2)
+    d = report["differences"]["DKD - plain"]
+    assert d["diffs"] == [
+        a - b for a, b in zip(report["variants"]["DKD"]["ap"], report["variants"]["plain"]["ap"])
+    ]
+    assert d["ci_low"] <= d["mean"] <= d["ci_high"]
+    assert report["evaluation_noise"]["resamples"] == 10
+    assert (
+        report["cost"]["teacher R-50-FPN"]["parameters"]
+        > report["cost"]["student R-18-FPN"]["parameters"]
+    )
 
 
+@pytest.mark.slow
 def test_report_ap_is_what_pycocotools_computes_from_the_evaluator_files(quick_demo):
     out, _ = quick_demo
     report = json.loads((out / "outputs" / "report.json").read_text())
-    gt = COCO(str(out / "data" / "val.json"))
-    for m in report["models"]:
-        detections = json.loads(open(m["evaluator_output"]).read())
+    gt = COCO(str(out / "data" / "test.json"))
+    runs = report["runs"] + [{"bbox": report["teacher"]["bbox"], **report["teacher"]}]
+    evaluated = 0
+    for r in runs:
+        detections = json.loads(open(r["evaluator_output"]).read())
         if not detections:  # a toy model may detect nothing: COCO AP is then 0
-            assert m["AP"] == 0.0
+            assert r["bbox"]["AP"] == 0.0
             continue
         ev = COCOeval(gt, gt.loadRes(detections), "bbox")
         ev.evaluate(), ev.accumulate(), ev.summarize()
-        assert m["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-6), m["model"]
-        assert m["AP50"] == pytest.approx(100 * ev.stats[1], abs=1e-6)
+        assert r["bbox"]["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-6)
+        assert r["bbox"]["AP50"] == pytest.approx(100 * ev.stats[1], abs=1e-6)
+        evaluated += 1
+    assert evaluated > 0
 
 
-def test_teacher_is_reused_on_a_second_run(quick_demo):
+@pytest.mark.slow
+def test_rerun_reuses_data_backbones_and_teacher(quick_demo):
     out, _ = quick_demo
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "synthetic_benchmark.py"),
-            "--quick",
-            "--output",
-            str(out / "outputs"),
-            "--data",
-            str(out / "data"),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=900,
-    )
+    run = _run(out, "--seeds", "1", "--bootstrap", "0")
     assert run.returncode == 0, run.stdout[-4000:]
-    assert "data: reusing" in run.stdout and "teacher R-50-FPN: reusing" in run.stdout
+    for reused in ("data: reusing", "pretrained ResNet-18: reusing", "teacher: reusing"):
+        assert reused in run.stdout
+    assert "with one seed: no interval, no conclusion" in run.stdout

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["SHAPES", "COLOURS", "class_names", "generate_split", "generate"]
+__all__ = ["SHAPES", "COLOURS", "class_names", "classification_batch", "generate_split", "generate"]
 
 SHAPES = ("square", "diamond", "circle", "octagon", "triangle")
 # RGB; neighbours in this list are neighbours in hue.
@@ -48,9 +48,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.nda
         "diamond": (4, 0.0),
         "octagon": (8, np.pi / 8),
         "triangle": (3, -np.pi / 2),
+        "circle": (48, 0.0),
     }[shape]
-    if shape == "circle":
-        sides, offset = 48, 0.0
     t = offset + angle + np.arange(sides) * 2 * np.pi / sides
     return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
 
@@ -72,6 +71,21 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
+def _draw_shape(img, rng, shape, colour, cx, cy, r) -> np.ndarray:
+    """Fill one shape (circumradius ``r`` px, centre (cx, cy)) into ``img`` in place, slightly
+    turned and with a jittered colour; returns its vertices (N, 2)."""
+    pts = _polygon(shape, cx, cy, r, angle=rng.normal(0, 0.12))
+    rgb = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 12, 3), 0, 255)
+    cv2.fillPoly(
+        img,
+        [np.round(pts * 16).astype(np.int32)],
+        tuple(float(c) for c in rgb),
+        cv2.LINE_AA,
+        shift=4,
+    )
+    return pts
+
+
 def _draw_image(rng, size, classes, max_objects, min_radius, max_radius):
     img = _background(rng, size)
     anns = []
@@ -80,15 +94,7 @@ def _draw_image(rng, size, classes, max_objects, min_radius, max_radius):
         shape, colour = classes[label]
         r = float(np.exp(rng.uniform(np.log(min_radius), np.log(max_radius))))  # scale variation
         cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)
-        pts = _polygon(shape, cx, cy, r, angle=rng.normal(0, 0.12))
-        rgb = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 12, 3), 0, 255)
-        cv2.fillPoly(
-            img,
-            [np.round(pts * 16).astype(np.int32)],
-            tuple(float(c) for c in rgb),
-            cv2.LINE_AA,
-            shift=4,
-        )
+        pts = _draw_shape(img, rng, shape, colour, cx, cy, r)
         x0, y0 = np.clip(pts.min(0), 0, size)
         x1, y1 = np.clip(pts.max(0), 0, size)
         if (x1 - x0) >= 4 and (y1 - y0) >= 4:
@@ -96,6 +102,37 @@ def _draw_image(rng, size, classes, max_objects, min_radius, max_radius):
     # Later shapes occlude earlier ones; objects hidden for the most part are still labelled,
     # as in COCO, which makes the task harder, not wrong.
     return img, anns
+
+
+def classification_batch(
+    rng: np.random.Generator,
+    batch: int,
+    size: int = 48,
+    min_radius: float = 5.0,
+    max_radius: float = 20.0,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """A batch of the synthetic world's classification task, the stand-in for ImageNet: each
+    image holds one shape of any of the ``len(SHAPES) * len(COLOURS)`` classes (more than any
+    detection set uses, as ImageNet's classes are more than COCO's) on a cluttered background,
+    plus a smaller distractor shape of another class at an edge.
+
+    Returns:
+        images (batch, size, size, 3) uint8 RGB, labels (batch,) int64 in
+        [0, len(SHAPES) * len(COLOURS)), class i being ``class_names(30)[i]``.
+    """
+    classes = class_names(len(SHAPES) * len(COLOURS))
+    images = np.empty((batch, size, size, 3), np.uint8)
+    labels = rng.integers(len(classes), size=batch)
+    for i, label in enumerate(labels):
+        img = _background(rng, size)
+        other = classes[(label + rng.integers(1, len(classes))) % len(classes)]
+        corner = rng.uniform(0, size, 2) * (rng.random(2) < 0.5)
+        _draw_shape(img, rng, *other, corner[0], corner[1], min_radius)
+        r = float(np.exp(rng.uniform(np.log(min_radius), np.log(max_radius))))
+        cx, cy = size / 2 + rng.uniform(-0.15, 0.15, 2) * size
+        _draw_shape(img, rng, *classes[label], cx, cy, r)
+        images[i] = img
+    return images, labels.astype(np.int64)
 
 
 def generate_split(
@@ -153,12 +190,15 @@ def generate_split(
 
 
 def generate(
-    output_dir: str, num_train: int, num_val: int, seed: int = 0, **kwargs
+    output_dir: str, num_train: int, num_val: int, num_test: int = 0, seed: int = 0, **kwargs
 ) -> Dict[str, Tuple[str, str]]:
-    """Write a train and a val split; returns {split: (json_file, image_root)}."""
+    """Write a train, a val and (if ``num_test`` > 0) a test split, each from its own seed;
+    returns {split: (json_file, image_root)}."""
+    sizes = {"train": num_train, "val": num_val, "test": num_test}
     return {
-        "train": generate_split(output_dir, "train", num_train, seed=seed, **kwargs),
-        "val": generate_split(output_dir, "val", num_val, seed=seed + 1, **kwargs),
+        split: generate_split(output_dir, split, n, seed=seed + i, **kwargs)
+        for i, (split, n) in enumerate(sizes.items())
+        if n > 0 or split != "test"
     }
 
 
@@ -169,6 +209,7 @@ def main(argv=None):
     parser.add_argument("--output", default="datasets/synthetic")
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
+    parser.add_argument("--num-test", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
@@ -177,6 +218,7 @@ def main(argv=None):
         args.output,
         args.num_train,
         args.num_val,
+        args.num_test,
         seed=args.seed,
         image_size=args.image_size,
         num_classes=args.num_classes,
