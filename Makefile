@@ -3,7 +3,7 @@
 # make setup-deploy : also the optional deploy extra (onnx, onnxruntime: requirements-deploy.txt)
 # make lint  : black, isort and flake8 at line length 100 (settings: pyproject.toml, setup.cfg)
 # make demo  : the embedded benchmark on synthetic data (SEEDS=N paired seeds, default 3;
-#              QUICK=1: toy size)
+#              REVIEWKD=1: also DKD + ReviewKD; QUICK=1: toy size)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The first working python3.10: on PATH, or a pyenv install whose shim is not active.
@@ -39,4 +39,4 @@ lint: setup
 	$(PY) -m flake8 $(LINTED)
 
 demo: setup
-	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS))
+	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(REVIEWKD),--reviewkd)

@@ -116,7 +116,7 @@ def _run(out, *extra):
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = _run(out)
+    run = _run(out, "--reviewkd")
     assert run.returncode == 0, run.stdout[-4000:]
     return out, run.stdout
 
@@ -129,8 +129,9 @@ def test_quick_demo_writes_report_plots_and_prints_the_seed_table(quick_demo):
     report = json.loads((out / "outputs" / "report.json").read_text())
     assert report["split"] == "test" and report["seeds"] == [0, 1]
     assert [(r["variant"], r["seed"]) for r in report["runs"]] == [
-        (v, s) for s in (0, 1) for v in ("plain", "KD", "DKD")
+        (v, s) for s in (0, 1) for v in ("plain", "KD", "DKD", "DKD+ReviewKD")
     ]
+    assert {"DKD+ReviewKD - DKD", "DKD+ReviewKD - plain"} <= set(report["differences"])
     for stage in (
         "1/6 data:",
         "2/6 pretrained ResNet-18",

@@ -1,7 +1,7 @@
 """Weight files: resolving paths and URLs, strict loading, atomic saving, sizes."""
 
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -143,16 +143,25 @@ class StrictCheckpointer(DetectionCheckpointer):
     """
 
     def __init__(
-        self, model: torch.nn.Module, key: str = "MODEL.WEIGHTS", hint: str = "", **kwargs
+        self,
+        model: torch.nn.Module,
+        key: str = "MODEL.WEIGHTS",
+        hint: str = "",
+        drop_prefixes: Tuple[str, ...] = (),
+        **kwargs,
     ):
         """
         Args:
             key: the config key the weights come from, named in the error.
             hint: what to check, appended to the error.
+            drop_prefixes: keys of the file to ignore, e.g. the training-only modules
+                (``feature_distiller.``) that a training checkpoint holds and the student
+                alone does not have.
         """
         super().__init__(model, **kwargs)
         self._key = key
         self._hint = hint
+        self._drop = tuple(drop_prefixes)
         self._path = ""
 
     def load(self, path: str, *args, **kwargs):
@@ -161,6 +170,12 @@ class StrictCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         return _load_naming_the_file(super()._load_file, filename, self._key)
+
+    def _load_model(self, checkpoint):
+        if self._drop:
+            model = checkpoint["model"]
+            checkpoint["model"] = {k: v for k, v in model.items() if not k.startswith(self._drop)}
+        return super()._load_model(checkpoint)
 
     def _log_incompatible_keys(self, incompatible):
         problems = []

@@ -8,21 +8,12 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
-from ..checkpoint.export import student_state_dict
+from ..checkpoint.export import TRAINING_ONLY_PREFIXES
 from ..config import student_cfg
 
 __all__ = ["load_student", "Predictor"]
 
 _HINT = "Use the config the checkpoint was trained with (and the same class count)."
-
-
-class _StudentCheckpointer(StrictCheckpointer):
-    """Strict loading of the student from a training checkpoint, whose training-only modules
-    (e.g. ReviewKD's ABF, ``feature_distiller.*``) the student alone does not have."""
-
-    def _load_model(self, checkpoint):
-        checkpoint["model"] = student_state_dict(checkpoint["model"])
-        return super()._load_model(checkpoint)
 
 
 def _load_strictly(model: torch.nn.Module, weights: str) -> None:
@@ -31,9 +22,12 @@ def _load_strictly(model: torch.nn.Module, weights: str) -> None:
             "MODEL.WEIGHTS is empty: set it to the trained model, e.g. "
             "MODEL.WEIGHTS output/dkd_r101_r18/model_final.pth."
         )
-    _StudentCheckpointer(model, key="MODEL.WEIGHTS", hint=_HINT).load(
-        resolve_weights(weights, "MODEL.WEIGHTS")
+    # A training checkpoint also holds the training-only modules (e.g. ReviewKD's ABF), which
+    # the student alone does not have.
+    checkpointer = StrictCheckpointer(
+        model, key="MODEL.WEIGHTS", hint=_HINT, drop_prefixes=TRAINING_ONLY_PREFIXES
     )
+    checkpointer.load(resolve_weights(weights, "MODEL.WEIGHTS"))
 
 
 def load_student(cfg: CfgNode, weights: Optional[str] = None) -> torch.nn.Module:
