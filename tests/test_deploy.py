@@ -41,19 +41,19 @@ def student():
 
 @pytest.fixture(scope="module")
 def inputs(student):
-    from dkd_det.checkpoint import sample_inputs
+    from dkd_det.export import sample_inputs
 
     return sample_inputs(student[0], num_random=1)
 
 
 def _det(boxes, scores, classes):
-    from dkd_det.checkpoint import Detections
+    from dkd_det.export import Detections
 
     return Detections(torch.tensor(boxes).float(), torch.tensor(scores), torch.tensor(classes))
 
 
 def test_compare_detections_matches_within_tolerance_and_names_the_rest():
-    from dkd_det.checkpoint import Tolerances, compare_detections
+    from dkd_det.export import Tolerances, compare_detections
 
     ref = _det([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 3, 3]], [0.9, 0.5, 0.051], [0, 1, 2])
     tol = Tolerances(box_px=0.05, score=1e-3)
@@ -85,7 +85,7 @@ def test_compare_detections_matches_within_tolerance_and_names_the_rest():
 
 @pytest.mark.parametrize("method", ["trace", "script"])
 def test_torchscript_export_reproduces_the_student(student, inputs, tmp_path, method):
-    from dkd_det.checkpoint import DeployedModel, export_deployable, pytorch_detections
+    from dkd_det.export import DeployedModel, export_deployable, pytorch_detections
 
     cfg, model = student
     out = export_deployable(
@@ -114,7 +114,7 @@ def test_torchscript_export_reproduces_the_student(student, inputs, tmp_path, me
 
 
 def test_failed_check_names_the_difference_and_removes_the_export(student, inputs, tmp_path):
-    from dkd_det.checkpoint import DeployCheckError, Tolerances, export_deployable
+    from dkd_det.export import DeployCheckError, Tolerances, export_deployable
 
     cfg, model = student
     impossible = Tolerances(box_px=-1.0, score=-1.0)  # nothing can match
@@ -132,7 +132,7 @@ def test_failed_check_names_the_difference_and_removes_the_export(student, input
 def test_onnx_export_reproduces_the_student_through_onnxruntime(student, inputs, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from dkd_det.checkpoint import DeployedModel, export_deployable, pytorch_detections
+    from dkd_det.export import DeployedModel, export_deployable, pytorch_detections
 
     cfg, model = student
     out = export_deployable(cfg, model, str(tmp_path), "onnx", inputs)
@@ -149,7 +149,7 @@ def test_onnx_export_reproduces_the_student_through_onnxruntime(student, inputs,
 
 def test_onnx_opset_below_16_is_refused_with_the_reason(student, inputs, tmp_path):
     pytest.importorskip("onnx")
-    from dkd_det.checkpoint import export_onnx
+    from dkd_det.export import export_onnx
 
     cfg, model = student
     with pytest.raises(ValueError, match="opset 11 cannot express detectron2's ROIAlignV2"):
@@ -226,7 +226,7 @@ def test_tool_exports_torchscript_that_runs_without_dkd_det_or_detectron2(
     assert proc.returncode == 0, proc.stderr[-3000:]
     x, plain = torch.load(result)
 
-    from dkd_det.checkpoint import pytorch_detections, resize_for_model
+    from dkd_det.export import pytorch_detections, resize_for_model
     from dkd_det.engine import load_student
 
     cfg = make_cfg(DKD_R18, *NO_TEACHER, "MODEL.WEIGHTS", student_weights)

@@ -35,7 +35,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from dkd_det.checkpoint import (
+from dkd_det.export import (
     DeployedModel,
     MissingDeployExtra,
     export_deployable,

@@ -25,21 +25,20 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from dkd_det.checkpoint import (
+from dkd_det.checkpoint import checkpoint_size, resolve_weights
+from dkd_det.config import get_dkd_cfg, student_cfg
+from dkd_det.data import dataset_metadata, save_metadata
+from dkd_det.engine import load_student
+from dkd_det.export import (
     DEPLOY_FORMATS,
     ONNX_OPSET,
     MissingDeployExtra,
     Tolerances,
-    checkpoint_size,
     export_deployable,
     export_student,
     require_onnx,
-    resolve_weights,
     sample_inputs,
 )
-from dkd_det.config import get_dkd_cfg, student_cfg
-from dkd_det.data import dataset_metadata, save_metadata
-from dkd_det.engine import load_student
 
 logger = logging.getLogger("dkd_det.export")
 

@@ -1,5 +1,5 @@
-"""Everything about weight files: resolving paths and URLs, strict and atomic checkpointers,
-converters from torchvision, and the export of a trained student."""
+"""Weight files: resolving paths and URLs, strict and atomic checkpointers, converters from
+torchvision. (Exporting a trained student is :mod:`dkd_det.export`.)"""
 
 from .convert import (
     CONVERTERS,
@@ -8,27 +8,6 @@ from .convert import (
     missing_weights_hint,
     save_d2_pkl,
 )
-from .deploy import (
-    DEPLOY_EXTRA_HINT,
-    DEPLOY_FILE,
-    DEPLOY_FORMATS,
-    ONNX_OPSET,
-    DeployCheckError,
-    DeployedModel,
-    Detections,
-    MissingDeployExtra,
-    Tolerances,
-    check_deployed,
-    compare_detections,
-    export_deployable,
-    export_onnx,
-    export_torchscript,
-    pytorch_detections,
-    require_onnx,
-    resize_for_model,
-    sample_inputs,
-)
-from .export import export_student, plain_detectron2_cfg
 from .weights import (
     AtomicCheckpointer,
     NotACheckpointError,
@@ -44,26 +23,6 @@ __all__ = [
     "load_torchvision_state_dict",
     "missing_weights_hint",
     "save_d2_pkl",
-    "DEPLOY_EXTRA_HINT",
-    "DEPLOY_FILE",
-    "DEPLOY_FORMATS",
-    "ONNX_OPSET",
-    "DeployCheckError",
-    "DeployedModel",
-    "Detections",
-    "MissingDeployExtra",
-    "Tolerances",
-    "check_deployed",
-    "compare_detections",
-    "export_deployable",
-    "export_onnx",
-    "export_torchscript",
-    "pytorch_detections",
-    "require_onnx",
-    "resize_for_model",
-    "sample_inputs",
-    "export_student",
-    "plain_detectron2_cfg",
     "AtomicCheckpointer",
     "NotACheckpointError",
     "describe_weights_file",

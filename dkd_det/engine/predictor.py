@@ -8,7 +8,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
-from ..checkpoint.export import TRAINING_ONLY_PREFIXES
+from ..modeling import TRAINING_ONLY_PREFIXES
 from ..config import student_cfg
 
 __all__ = ["load_student", "Predictor"]

@@ -18,8 +18,8 @@ Where the modules live: :class:`DistillationRCNN` holds the term as its submodul
 synchronised by DDP like the student's) and in training checkpoints (``--resume`` restores
 them). They are never part of the student for inference: the student alone
 (:func:`dkd_det.config.student_cfg`) does not build them, strict student loading
-(:func:`dkd_det.engine.load_student`) and the export (:func:`dkd_det.checkpoint.export_student`)
-drop their keys (``dkd_det.checkpoint.export.TRAINING_ONLY_PREFIXES``).
+(:func:`dkd_det.engine.load_student`) and the export (:func:`dkd_det.export.export_student`)
+drop their keys (``dkd_det.modeling.TRAINING_ONLY_PREFIXES``).
 """
 
 from typing import Dict, Optional

@@ -15,7 +15,12 @@ from .feature_distiller import build_feature_distiller
 from .roi_heads import DistillROIHeads
 from .teacher import build_teacher
 
-__all__ = ["DistillationRCNN"]
+__all__ = ["DistillationRCNN", "TRAINING_ONLY_PREFIXES"]
+
+# State-dict prefixes of the training-only modules that sit beside the student in training
+# checkpoints (the distillation terms' modules, e.g. ReviewKD's ABF): never part of the
+# student's inference or export; strict student loading and the export drop them.
+TRAINING_ONLY_PREFIXES = ("feature_distiller.",)
 
 
 @META_ARCH_REGISTRY.register()
@@ -74,7 +79,7 @@ class DistillationRCNN(GeneralizedRCNN):
                 )
         self.__dict__["teacher"] = teacher  # not registered as a submodule: see the class docstring
         # A submodule, training only (see above); the export and strict student loading drop
-        # its keys by this name (dkd_det.checkpoint.export.TRAINING_ONLY_PREFIXES).
+        # its keys by this name (TRAINING_ONLY_PREFIXES).
         self.feature_distiller = feature_distiller
 
     @classmethod

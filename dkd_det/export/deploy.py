@@ -423,7 +423,13 @@ def check_deployed(
     return total
 
 
-def _deploy_info(cfg: CfgNode, fmt: str, classes: Optional[Sequence[str]], extra: Dict) -> Dict:
+def _deploy_info(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    fmt: str,
+    classes: Optional[Sequence[str]],
+    extra: Dict,
+) -> Dict:
     return {
         "format": fmt,
         "file": _FILES[fmt],
@@ -444,7 +450,7 @@ def _deploy_info(cfg: CfgNode, fmt: str, classes: Optional[Sequence[str]], extra
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
             "normalized_inside_model": True,
-            "size_divisibility": 32 if "fpn" in cfg.MODEL.BACKBONE.NAME else 0,
+            "size_divisibility": model.backbone.size_divisibility,
         },
         "output_boxes": "XYXY in the resized input's pixels; multiply x by original_width / "
         "width and y by original_height / height for the original image",
@@ -498,7 +504,7 @@ def export_deployable(
         extra = export_torchscript(model, sample, model_path, method)
     else:
         extra = export_onnx(model, sample, model_path, opset)
-    info = _deploy_info(cfg, fmt, classes, extra)
+    info = _deploy_info(cfg, model, fmt, classes, extra)
     with open(info_path, "w") as f:
         json.dump(info, f, indent=2)
     result = {"model": model_path, "info": info_path, "check": None}

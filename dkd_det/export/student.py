@@ -7,12 +7,9 @@ from typing import Dict
 import torch
 from detectron2.config import CfgNode, get_cfg
 
-__all__ = ["plain_detectron2_cfg", "export_student", "student_state_dict", "TRAINING_ONLY_PREFIXES"]
+from ..modeling import TRAINING_ONLY_PREFIXES
 
-# State-dict prefixes of training-only modules that sit beside the student in training
-# checkpoints (dkd_det.modeling's feature distillation terms, e.g. ReviewKD's ABF modules,
-# are the submodule ``feature_distiller``): never part of the student's inference or export.
-TRAINING_ONLY_PREFIXES = ("feature_distiller.",)
+__all__ = ["plain_detectron2_cfg", "export_student", "student_state_dict"]
 
 # dkd-det's own components -> the detectron2 components they reduce to in inference.
 _PLAIN_NAMES = {
