@@ -226,8 +226,8 @@ def test_tool_exports_torchscript_that_runs_without_dkd_det_or_detectron2(
     assert proc.returncode == 0, proc.stderr[-3000:]
     x, plain = torch.load(result)
 
-    from dkd_det.export import pytorch_detections, resize_for_model
     from dkd_det.engine import load_student
+    from dkd_det.export import pytorch_detections, resize_for_model
 
     cfg = make_cfg(DKD_R18, *NO_TEACHER, "MODEL.WEIGHTS", student_weights)
     rgb = cv2.imread(image)[:, :, ::-1].copy()

@@ -16,9 +16,9 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.events import EventStorage
 from test_modeling import batch, count_calls
 
-from dkd_det.export import export_student
 from dkd_det.config import student_cfg
 from dkd_det.engine import load_student
+from dkd_det.export import export_student
 from dkd_det.losses import hcl_loss
 from dkd_det.modeling import ReviewKD
 

@@ -35,13 +35,13 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from dkd_det.config import get_dkd_cfg, student_cfg
 from dkd_det.export import (
     DeployedModel,
     MissingDeployExtra,
     export_deployable,
     pytorch_detections,
 )
-from dkd_det.config import get_dkd_cfg, student_cfg
 from dkd_det.losses import dkd_loss
 from dkd_det.modeling import get_teacher_cfg
 

@@ -8,8 +8,8 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
-from ..modeling import TRAINING_ONLY_PREFIXES
 from ..config import student_cfg
+from ..modeling import TRAINING_ONLY_PREFIXES
 
 __all__ = ["load_student", "Predictor"]
 
