@@ -5,17 +5,19 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-DISTILL_TYPES = ("DKD", "KD", "NONE")
+from .distill import add_distill_config, load_plugins
 
-__all__ = ["DISTILL_TYPES", "add_dkd_config", "get_dkd_cfg", "student_cfg", "uses_teacher"]
+__all__ = ["add_dkd_config", "get_dkd_cfg", "student_cfg", "uses_teacher"]
 
 
 def add_dkd_config(cfg):
     """Add the distillation keys to a detectron2 config (in place).
 
-    ``MODEL.DISTILL`` says how the student learns from the teacher: a logit term on the ROI
-    classification logits (``TYPE``) and a feature term on the FPN features
-    (``FEATURE.TYPE``), composable; ``MODEL.TEACHER`` says which frozen detector teaches.
+    ``MODEL.DISTILL`` says how the student learns from the teacher: ``TERMS`` lists the
+    distillation terms, any number of them, and each registered term has its node
+    ``MODEL.DISTILL.<TERM>`` (:func:`dkd_det.distill.add_distill_config`; a term registered
+    after this call has no keys in ``cfg``). ``MODEL.TEACHER`` says which frozen detector
+    teaches.
     ``DATASETS.COCO_FORMAT`` registers users' own COCO-format datasets.
     ``DATALOADER.SKIP_BROKEN_IMAGES`` leaves missing or undecodable training images out (with
     a warning) instead of stopping before training.
@@ -23,41 +25,7 @@ def add_dkd_config(cfg):
     """
     _C = cfg
 
-    _C.MODEL.DISTILL = CN()
-    # "DKD": alpha * TCKD + beta * NCKD; "KD": classic KD (Hinton et al.);
-    # "NONE": the plain student (no teacher is built or loaded).
-    _C.MODEL.DISTILL.TYPE = "DKD"
-    # Weight of the target-class part (TCKD); DKD only.
-    _C.MODEL.DISTILL.ALPHA = 1.0
-    # Weight of the non-target-class part (NCKD); DKD only.
-    _C.MODEL.DISTILL.BETA = 0.25
-    # Softmax temperature T > 0; the loss is multiplied by T^2.
-    _C.MODEL.DISTILL.TEMPERATURE = 1.0
-    # Multiplies the whole distillation loss (loss_dkd / loss_kd).
-    _C.MODEL.DISTILL.LOSS_WEIGHT = 1.0
-    # The loss weight ramps linearly from 0 to LOSS_WEIGHT over this many
-    # iterations (0: no warm-up).
-    _C.MODEL.DISTILL.WARMUP_ITERS = 0
-
-    # The feature term, independent of the logit term above (both, either or neither):
-    # a name in dkd_det.modeling.FEATURE_DISTILLER_REGISTRY (matched case-insensitively) or
-    # "NONE". "REVIEWKD": ReviewKD's ABF fusion + HCL loss (Chen et al., CVPR 2021), whose
-    # fusion modules are trained with the student but never exported.
-    _C.MODEL.DISTILL.FEATURE = CN()
-    _C.MODEL.DISTILL.FEATURE.TYPE = "NONE"
-    # Multiplies the feature loss (loss_reviewkd).
-    _C.MODEL.DISTILL.FEATURE.LOSS_WEIGHT = 1.0
-    _C.MODEL.DISTILL.FEATURE.REVIEWKD = CN()
-    # The student's and the teacher's backbone outputs distilled, fused top-down from the last
-    # (coarsest) one: FPN's p2..p6, all the levels the reference distils.
-    _C.MODEL.DISTILL.FEATURE.REVIEWKD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    # Channels of the fused features inside the ABF modules.
-    _C.MODEL.DISTILL.FEATURE.REVIEWKD.MID_CHANNELS = 256
-    # The ABF modules' norm (get_norm): "BN" as the reference, "SyncBN", "GN", "" (none).
-    _C.MODEL.DISTILL.FEATURE.REVIEWKD.NORM = "BN"
-    # HCL's pooled scales (output side of adaptive average pooling), each weighted half the
-    # previous one after the full-resolution term; a scale >= a level's min(H, W) is skipped.
-    _C.MODEL.DISTILL.FEATURE.REVIEWKD.POOL_SCALES = [4, 2, 1]
+    add_distill_config(_C)
 
     _C.MODEL.TEACHER = CN()
     # The teacher's own detectron2 config: a model-zoo name such as
@@ -101,10 +69,12 @@ def add_dkd_config(cfg):
 def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
     """detectron2's defaults plus dkd-det's keys, ``config_file`` merged, then ``opts``
     (KEY VALUE pairs); not frozen. The one way dkd-det assembles a config, the teacher's
-    included. A missing file is a FileNotFoundError that names it and ``key``, the option or
-    config key it came from."""
+    included. The modules of ``DKD_DET_PLUGINS`` are imported first, so that the terms they
+    register have their keys (:func:`dkd_det.distill.load_plugins`). A missing file is a
+    FileNotFoundError that names it and ``key``, the option or config key it came from."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{key} {config_file!r}: no such file.")
+    load_plugins()
     cfg = get_cfg()
     add_dkd_config(cfg)
     cfg.merge_from_file(config_file)
@@ -113,25 +83,21 @@ def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
 
 
 def uses_teacher(cfg: CN) -> bool:
-    """Whether ``cfg`` trains against a teacher: a logit or a feature distillation term is on."""
+    """Whether ``cfg`` trains against a teacher: ``MODEL.DISTILL.TERMS`` lists a term."""
     distill = cfg.MODEL.get("DISTILL", None)
-    if distill is None:
-        return False
-    feature = distill.get("FEATURE", None)
-    return distill.TYPE != "NONE" or (feature is not None and feature.TYPE != "NONE")
+    return distill is not None and len(distill.TERMS) > 0
 
 
 def student_cfg(cfg: CN) -> CN:
     """The student alone: a copy of ``cfg`` (dkd-det or plain detectron2) whose teacher and
-    training-only modules are never built or loaded (``MODEL.DISTILL.TYPE`` and
-    ``MODEL.DISTILL.FEATURE.TYPE`` NONE), for evaluation, inference and export.
-    The copy is frozen if ``cfg`` was. The one place that switches distillation off."""
+    training-only modules are never built or loaded (``MODEL.DISTILL.TERMS`` empty), for
+    evaluation, inference and export. The copy is frozen if ``cfg`` was. The one place that
+    switches distillation off."""
     out = cfg.clone()
     frozen = out.is_frozen()
     out.defrost()
-    out.MODEL.DISTILL.TYPE = "NONE"
-    if "FEATURE" in out.MODEL.DISTILL:
-        out.MODEL.DISTILL.FEATURE.TYPE = "NONE"
+    if "DISTILL" in out.MODEL:
+        out.MODEL.DISTILL.TERMS = []
     if frozen:
         out.freeze()
     return out

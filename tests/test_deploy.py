@@ -164,7 +164,7 @@ NO_TEACHER = ["MODEL.TEACHER.WEIGHTS", "/no/teacher.pth"]
 @pytest.fixture(scope="module")
 def student_weights(tmp_path_factory):
     """A random-init student of configs/COCO/dkd_r101_r18.yaml, as training saves it."""
-    cfg = make_cfg(DKD_R18, "MODEL.DISTILL.TYPE", "NONE")
+    cfg = make_cfg(DKD_R18, "MODEL.DISTILL.TERMS", "[]")
     return save_random_model(cfg, str(tmp_path_factory.mktemp("student") / "model_final.pth"))
 
 

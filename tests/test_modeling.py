@@ -128,29 +128,24 @@ def test_teacher_gets_its_own_channel_order_and_normalisation(tmp_path):
     assert all(torch.allclose(got[k], want[k]) for k in got)
 
 
-def test_plain_student_type_none_builds_no_teacher():
-    model = build_model(make_cfg(DKD_R18, "MODEL.DISTILL.TYPE", "NONE"))
+def test_plain_student_without_terms_builds_no_teacher():
+    model = build_model(make_cfg(DKD_R18, "MODEL.DISTILL.TERMS", "[]"))
     assert model.teacher is None
     model.train()
     with EventStorage(0):
         assert "loss_dkd" not in model(batch())
 
 
-def test_kd_type_gives_kd_loss(dkd_opts):
-    model = build_model(make_cfg(DKD_R18, *dkd_opts, "MODEL.DISTILL.TYPE", "KD"))
-    model.train()
-    with EventStorage(0):
-        losses = model(batch())
-    assert "loss_kd" in losses and "loss_dkd" not in losses
-
-
 def test_warmup_ramps_the_loss_weight(dkd_opts):
-    model = build_model(make_cfg(DKD_R18, *dkd_opts, "MODEL.DISTILL.WARMUP_ITERS", "4"))
+    from dkd_det.distill import DistillInputs
+
+    model = build_model(make_cfg(DKD_R18, *dkd_opts, "MODEL.DISTILL.DKD.WARMUP_ITERS", "4"))
     z_s, z_t, t = torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 4, (8,))
+    inputs = DistillInputs(None, {}, {}, [], gt_classes=t, student_logits=z_s, teacher_logits=z_t)
     with EventStorage(0):
-        first = model.roi_heads.distillation_losses(z_s, z_t, t)["loss_dkd"]
+        first = model.distill_terms["dkd"](inputs)["loss_dkd"]
     with EventStorage(9):
-        full = model.roi_heads.distillation_losses(z_s, z_t, t)["loss_dkd"]
+        full = model.distill_terms["dkd"](inputs)["loss_dkd"]
     torch.testing.assert_close(first * 4, full)
 
 
@@ -179,9 +174,11 @@ def test_warmup_ramps_the_loss_weight(dkd_opts):
             FileNotFoundError,
             "MODEL.TEACHER.WEIGHTS",
         ),
-        (["MODEL.DISTILL.TYPE", "FITNET"], ValueError, "MODEL.DISTILL.TYPE"),
-        (["MODEL.DISTILL.TEMPERATURE", "0.0"], ValueError, "TEMPERATURE"),
-        (["MODEL.DISTILL.BETA", "-1.0"], ValueError, "BETA"),
+        (["MODEL.DISTILL.TERMS", "['FITNET']"], ValueError, "MODEL.DISTILL.TERMS.*not registered"),
+        (["MODEL.DISTILL.TERMS", "['DKD', 'dkd']"], ValueError, "listed twice"),
+        (["MODEL.DISTILL.DKD.TEMPERATURE", "0.0"], ValueError, "DKD.TEMPERATURE"),
+        (["MODEL.DISTILL.DKD.BETA", "-1.0"], ValueError, "DKD.BETA"),
+        (["MODEL.DISTILL.DKD.LOSS_WEIGHT", "-1.0"], ValueError, "DKD.LOSS_WEIGHT"),
     ],
 )
 def test_clear_errors_before_training(teacher_weights, opts, error, match):

@@ -15,9 +15,10 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 from dkd_det.checkpoint import AtomicCheckpointer
+from dkd_det.distill import DistillInputs
 from dkd_det.engine import Trainer
 
-from helpers import DKD_R18, R18, ROOT, TINY, make_cfg
+from helpers import DKD_R18, R18, ROOT, TEACHER_OPTS, TINY, make_cfg, save_random_model
 
 
 @pytest.mark.slow
@@ -134,9 +135,18 @@ def test_image_without_boxes_and_batch_without_proposals(dkd_opts):
         no_props = Instances(
             (96, 96), proposal_boxes=Boxes(torch.zeros(0, 4)), objectness_logits=torch.zeros(0)
         )
-        _, losses = model.roi_heads(
-            images, features, [no_props], [empty], teacher_logits=lambda boxes: torch.zeros(0, 4)
+        sampled, losses = model.roi_heads(images, features, [no_props], [empty])
+        assert sampled[0].class_logits.shape == (0, 4)
+        inputs = DistillInputs(
+            images,
+            features,
+            features,
+            [empty],
+            gt_classes=sampled[0].gt_classes,
+            student_logits=sampled[0].class_logits,
+            teacher_logits=torch.zeros(0, 4),
         )
+        losses.update(model.distill_terms["dkd"](inputs))
     assert losses["loss_dkd"].item() == 0.0 and torch.isfinite(losses["loss_cls"])
 
 
@@ -568,44 +578,32 @@ def test_trainer_resume_or_load_names_model_weights(
 # Heads DKD cannot distil
 
 
-def _box_heads(cfg):
-    from detectron2.layers import ShapeSpec
-
-    from dkd_det.modeling import DistillROIHeads
-
-    shapes = {
-        f"p{i}": ShapeSpec(channels=cfg.MODEL.FPN.OUT_CHANNELS, stride=2**i) for i in range(2, 7)
-    }
-    return DistillROIHeads(cfg, shapes)
-
-
 @pytest.mark.parametrize("key", ["USE_SIGMOID_CE", "USE_FED_LOSS"])
 def test_sigmoid_or_federated_box_predictor_is_refused(key, dkd_opts):
-    from dkd_det.modeling import build_teacher
-
+    # Both refused before any model is built (detectron2 would assert on some combinations).
     with pytest.raises(ValueError, match=f"MODEL.ROI_BOX_HEAD.{key} is True for the student"):
-        _box_heads(make_cfg(DKD_R18, f"MODEL.ROI_BOX_HEAD.{key}", "True"))
+        build_model(make_cfg(DKD_R18, *dkd_opts, f"MODEL.ROI_BOX_HEAD.{key}", "True"))
     cfg = make_cfg(
         DKD_R18, *dkd_opts, "MODEL.TEACHER.OPTS", repr(TINY + [f"MODEL.ROI_BOX_HEAD.{key}", "True"])
     )
     with pytest.raises(ValueError, match=f"MODEL.ROI_BOX_HEAD.{key} is True for the teacher"):
-        build_teacher(cfg)
-    # A plain student (no distillation) may use them.
-    _box_heads(
-        make_cfg(DKD_R18, "MODEL.DISTILL.TYPE", "NONE", "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "True")
+        build_model(cfg)
+    # A plain student (no distillation), or one with feature terms only, may use them.
+    build_model(
+        make_cfg(DKD_R18, "MODEL.DISTILL.TERMS", "[]", "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "True")
     )
 
 
-def test_single_class_warns_that_nckd_vanishes():
-    records, remove = _captured("dkd_det.modeling.roi_heads")
+def test_single_class_warns_that_nckd_vanishes(tmp_path):
+    one = ["MODEL.ROI_HEADS.NUM_CLASSES", "1"]
+    teacher = save_random_model(make_cfg(R18, *one), str(tmp_path / "one_class.pth"))
+    opts = TEACHER_OPTS[:-1] + [repr(TINY + one), "MODEL.TEACHER.WEIGHTS", teacher]
+    records, remove = _captured("dkd_det.distill.dkd")
     try:
-        _box_heads(make_cfg(DKD_R18, "MODEL.ROI_HEADS.NUM_CLASSES", "1"))
+        build_model(make_cfg(DKD_R18, *opts, *one))
         assert any("NCKD is identically 0" in r and "ALPHA" in r for r in records), records
         records.clear()
-        _box_heads(make_cfg(DKD_R18, "MODEL.ROI_HEADS.NUM_CLASSES", "2"))
-        _box_heads(
-            make_cfg(DKD_R18, "MODEL.ROI_HEADS.NUM_CLASSES", "1", "MODEL.DISTILL.TYPE", "KD")
-        )
+        build_model(make_cfg(DKD_R18, *opts, *one, "MODEL.DISTILL.TERMS", "['KD']"))
         assert records == []
     finally:
         remove()
@@ -718,18 +716,16 @@ def _rank_logits(rank):
 
 
 def _two_rank_worker(out_dir, paths):
-    import types
 
     from detectron2.utils import comm
 
     from dkd_det.data import find_broken_images
-    from dkd_det.modeling import DistillROIHeads
+    from dkd_det.distill import DKD, DistillInputs
 
-    heads = types.SimpleNamespace(
-        loss_weight=1.0, warmup_iters=0, distill_type="DKD", temperature=2.0, alpha=1.0, beta=8.0
-    )
+    term = DKD(temperature=2.0, alpha=1.0, beta=8.0)
+    z_s, z_t, t = _rank_logits(comm.get_rank())
     with EventStorage(0) as storage:
-        DistillROIHeads.distillation_losses(heads, *_rank_logits(comm.get_rank()))
+        term(DistillInputs(None, {}, {}, [], gt_classes=t, student_logits=z_s, teacher_logits=z_t))
         logged = {k: storage.latest()[k][0] for k in ("dkd/tckd", "dkd/nckd")}
     broken = find_broken_images(paths)
     torch.save({"logged": logged, "broken": broken}, os.path.join(out_dir, f"{comm.get_rank()}.pt"))

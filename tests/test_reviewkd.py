@@ -17,10 +17,10 @@ from detectron2.utils.events import EventStorage
 from test_modeling import batch, count_calls
 
 from dkd_det.config import student_cfg
+from dkd_det.distill import DistillInputs, ReviewKD
 from dkd_det.engine import load_student
 from dkd_det.export import export_student
 from dkd_det.losses import hcl_loss
-from dkd_det.modeling import ReviewKD
 
 from helpers import DKD_R18, ROOT, TINY, make_cfg, run_tool
 
@@ -131,7 +131,7 @@ def test_reviewkd_abf_and_loss_match_float64_formulas():
         torch.testing.assert_close(got, want)
     assert term.abfs[4].att_conv is None and all(a.att_conv is not None for a in term.abfs[:4])
     want = 1.2 * _hcl_reference(fused, [teacher[f] for f in levels], (4, 2, 1))
-    losses = term(student, teacher)
+    losses = term(DistillInputs(None, student, teacher, []))
     assert set(losses) == {"loss_reviewkd"}
     torch.testing.assert_close(losses["loss_reviewkd"].double(), want, rtol=1e-5, atol=1e-7)
 
@@ -146,37 +146,29 @@ def reviewdkd(dkd_opts):
 
 
 def test_level_set_and_registry(reviewdkd, dkd_opts):
-    term = reviewdkd.feature_distiller
-    assert isinstance(term, ReviewKD)
+    term = reviewdkd.distill_terms["reviewkd"]
+    assert isinstance(term, ReviewKD) and list(reviewdkd.distill_terms) == ["dkd", "reviewkd"]
     assert term.in_features == ["p2", "p3", "p4", "p5", "p6"]
     assert term.loss_weight == 1.2 and term.pool_scales == (4, 2, 1)
     # training-only parameters are the student's to optimise (and DDP's to synchronise)
     ids = {id(p) for p in reviewdkd.parameters()}
     assert all(id(p) in ids for p in term.parameters())
-    # the feature term composes with any logit term, from any config, by overrides
-    for logit in ("KD", "NONE"):
-        model = build_model(
-            make_cfg(
-                DKD_R18,
-                *dkd_opts,
-                "MODEL.DISTILL.TYPE",
-                logit,
-                "MODEL.DISTILL.FEATURE.TYPE",
-                "REVIEWKD",
-            )
-        )
-        assert isinstance(model.feature_distiller, ReviewKD) and model.teacher is not None
+    # the feature term composes with any logit term, or none, from any config, by overrides
+    for terms in (["KD", "REVIEWKD"], ["REVIEWKD"]):
+        model = build_model(make_cfg(DKD_R18, *dkd_opts, "MODEL.DISTILL.TERMS", repr(terms)))
+        assert isinstance(model.distill_terms["reviewkd"], ReviewKD) and model.teacher is not None
+        assert list(model.distill_terms) == [t.lower() for t in terms]
     # the student alone has neither teacher nor ABF
     alone = build_model(student_cfg(make_cfg(REVIEWDKD_R18, *dkd_opts)))
-    assert alone.teacher is None and alone.feature_distiller is None
+    assert alone.teacher is None and len(alone.distill_terms) == 0
 
 
 @pytest.mark.parametrize(
     "opts, match",
     [
-        (["MODEL.DISTILL.FEATURE.TYPE", "FITNET"], "MODEL.DISTILL.FEATURE.TYPE = 'FITNET'"),
-        (["MODEL.DISTILL.FEATURE.REVIEWKD.IN_FEATURES", "['p2', 'res4']"], "has no \\['res4'\\]"),
-        (["MODEL.DISTILL.FEATURE.LOSS_WEIGHT", "-1.0"], "LOSS_WEIGHT"),
+        (["MODEL.DISTILL.TERMS", "['DKD', 'FITNET']"], "\\['FITNET'\\] not registered"),
+        (["MODEL.DISTILL.REVIEWKD.IN_FEATURES", "['p2', 'res4']"], "has no \\['res4'\\]"),
+        (["MODEL.DISTILL.REVIEWKD.LOSS_WEIGHT", "-1.0"], "REVIEWKD.LOSS_WEIGHT"),
     ],
 )
 def test_clear_errors(dkd_opts, opts, match):
@@ -215,7 +207,7 @@ def test_gradients_reach_student_fpn_and_backbone_never_teacher(reviewdkd):
     assert fpn.bottom_up.res3[0].conv1.weight.grad.abs().sum() > 0  # student backbone (res2 frozen)
     assert model.roi_heads.box_predictor.cls_score.weight.grad is None  # features only
     assert all(
-        p.grad is not None and p.grad.abs().sum() > 0 for p in model.feature_distiller.parameters()
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.distill_terms.parameters()
     )
     assert all(p.grad is None for p in model.teacher.parameters())
     assert not any(p.requires_grad for p in model.teacher.parameters())
@@ -249,21 +241,21 @@ def test_export_drops_abf_and_loads_in_vanilla_detectron2(dkd_opts, tmp_path):
     cfg = make_cfg(REVIEWDKD_R18, *dkd_opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
     torch.manual_seed(0)
     trained = _train(build_model(cfg))
-    abf_before = copy.deepcopy(trained.feature_distiller.state_dict())
-    assert any(k.startswith("feature_distiller.") for k in trained.state_dict())
+    abf_before = copy.deepcopy(trained.distill_terms.state_dict())
+    assert any(k.startswith("distill_terms.") for k in trained.state_dict())
 
     # 1. the training checkpoint (with ABF, for --resume) -> load_student -> export, as the tool
     DetectionCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
     ckpt = str(tmp_path / "model_final.pth")
-    assert any(k.startswith("feature_distiller.") for k in torch.load(ckpt)["model"])
+    assert any(k.startswith("distill_terms.") for k in torch.load(ckpt)["model"])
     student = load_student(cfg, ckpt)
-    assert type(student).__name__ == "DistillationRCNN" and student.feature_distiller is None
+    assert type(student).__name__ == "DistillationRCNN" and len(student.distill_terms) == 0
     # 2. export_student given the training model itself drops the ABF keys as well
     for name, model in (("via_load_student", student), ("direct", trained)):
         out = str(tmp_path / name)
         paths = export_student(student_cfg(cfg), model, out)
         state = torch.load(paths["weights"])["model"]
-        assert not any("feature_distiller" in k or "abf" in k for k in state)
+        assert not any("distill_terms" in k or "abf" in k for k in state)
         vcfg = get_cfg()  # vanilla detectron2: no dkd-det keys
         vcfg.merge_from_file(paths["config"])
         vanilla = build_model(vcfg)
@@ -272,9 +264,7 @@ def test_export_drops_abf_and_loads_in_vanilla_detectron2(dkd_opts, tmp_path):
         assert not (incompatible.missing_keys or incompatible.unexpected_keys)
         vanilla.eval()
         _same_outputs(trained, vanilla)  # the trained student in eval mode, ABF unused
-    assert all(
-        torch.equal(v, trained.feature_distiller.state_dict()[k]) for k, v in abf_before.items()
-    )
+    assert all(torch.equal(v, trained.distill_terms.state_dict()[k]) for k, v in abf_before.items())
 
 
 # ---- the configs, end to end -------------------------------------------------------------
@@ -302,4 +292,6 @@ def test_new_configs_train_two_iterations(name, tmp_path, dkd_opts, dataset_opts
     assert last["iteration"] == 1 and math.isfinite(last["loss_reviewkd"])
     assert ("loss_dkd" in last) == name.startswith("reviewdkd")
     state = torch.load(os.path.join(out, "model_final.pth"))["model"]
-    assert any(k.startswith("feature_distiller.abfs.4.") for k in state)  # p6's ABF, for --resume
+    assert any(
+        k.startswith("distill_terms.reviewkd.abfs.4.") for k in state
+    )  # p6's ABF, for --resume

@@ -78,7 +78,8 @@ def test_seed_pairs_variants_same_init_and_same_batches(tiny_data, dataset_opts,
 
     first = {}
     for kind in ("NONE", "DKD"):
-        cfg = make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.DISTILL.TYPE", kind, "SEED", "7")
+        terms = "[]" if kind == "NONE" else f"['{kind}']"
+        cfg = make_cfg(DKD_R18, *dkd_opts, *dataset_opts, "MODEL.DISTILL.TERMS", terms, "SEED", "7")
         register_coco_format(cfg)
         torch.manual_seed(7)
         trainer = Trainer(cfg)

@@ -61,7 +61,7 @@ TOY_OPTS = [
     "MODEL.RPN.POST_NMS_TOPK_TRAIN",
     "200",
     # p6 of one 64-px image is one pixel, on which the ABF modules' batch norm cannot train
-    "MODEL.DISTILL.FEATURE.REVIEWKD.NORM",
+    "MODEL.DISTILL.REVIEWKD.NORM",
     "",
 ]
 
@@ -177,15 +177,15 @@ def benchmark_pair(config_file: str, args, workdir: str) -> Dict[str, float]:
     models = {"plain": plain}
     for kind in ("KD", "DKD"):
         models[kind.lower()] = build_model(
-            _cfg(config_file, teacher_opts + ["MODEL.DISTILL.TYPE", kind])
+            _cfg(config_file, teacher_opts + ["MODEL.DISTILL.TERMS", repr([kind])])
         )
         models[kind.lower()].load_state_dict(plain.state_dict())  # the same student weights
     # DKD + ReviewKD: the same student weights; the ABF modules (training only) are its own.
     models["reviewdkd"] = build_model(
-        _cfg(config_file, teacher_opts + ["MODEL.DISTILL.FEATURE.TYPE", "REVIEWKD"])
+        _cfg(config_file, teacher_opts + ["MODEL.DISTILL.TERMS", "['DKD', 'REVIEWKD']"])
     )
     missing = models["reviewdkd"].load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("feature_distiller.") for k in missing), missing
+    assert all(k.startswith("distill_terms.") for k in missing), missing
     cfg = _cfg(config_file, opts)
     height, width = args.size, int(args.size * 4 / 3) // 32 * 32
     inputs = _inputs(args.batch, height, width, cfg.MODEL.ROI_HEADS.NUM_CLASSES)

@@ -1,6 +1,4 @@
 from .backbone import MobileNetV2, build_mobilenet_v2_backbone, build_mobilenet_v2_fpn_backbone
-from .feature_distiller import FEATURE_DISTILLER_REGISTRY, build_feature_distiller
 from .meta_arch import TRAINING_ONLY_PREFIXES, DistillationRCNN
-from .reviewkd import ABF, ReviewKD
 from .roi_heads import DistillROIHeads
 from .teacher import build_teacher, get_teacher_cfg

@@ -1,39 +1,42 @@
-"""The distillation meta-architecture: a student GeneralizedRCNN that owns a frozen teacher."""
+"""The distillation meta-architecture: a student GeneralizedRCNN that owns a frozen teacher and
+the distillation terms."""
 
-from functools import partial
 from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..config import uses_teacher
-from .feature_distiller import build_feature_distiller
+from ..distill import DistillInputs, build_distill_terms, check_distill_config
+from ..distill.base import BOX_FIELDS
 from .roi_heads import DistillROIHeads
-from .teacher import build_teacher
+from .teacher import build_teacher, get_teacher_cfg
 
 __all__ = ["DistillationRCNN", "TRAINING_ONLY_PREFIXES"]
 
 # State-dict prefixes of the training-only modules that sit beside the student in training
 # checkpoints (the distillation terms' modules, e.g. ReviewKD's ABF): never part of the
 # student's inference or export; strict student loading and the export drop them.
-TRAINING_ONLY_PREFIXES = ("feature_distiller.",)
+TRAINING_ONLY_PREFIXES = ("distill_terms.",)
 
 
 @META_ARCH_REGISTRY.register()
 class DistillationRCNN(GeneralizedRCNN):
-    """A student Faster R-CNN trained against a frozen teacher: its ROI classification logits
-    (the logit term, ``MODEL.DISTILL.TYPE``, in :class:`DistillROIHeads`) and its backbone
-    features (the feature term, ``MODEL.DISTILL.FEATURE.TYPE``, a module of
-    :data:`FEATURE_DISTILLER_REGISTRY`), either or both.
+    """A student Faster R-CNN trained against a frozen teacher with the distillation terms of
+    ``MODEL.DISTILL.TERMS`` (see :mod:`dkd_det.distill`), any number of them.
 
     In training, the teacher (built from its own config and weights, see
-    :func:`build_teacher`) runs its backbone on the same images, normalised its own way,
-    and its box head on the boxes the student sampled; it never runs its RPN, never
-    samples, never computes a loss, never records an autograd graph.
+    :func:`build_teacher`) runs its backbone once on the same images, normalised its own way,
+    and, only if a term reads ``teacher_logits``, its box head on the boxes the student
+    sampled; it never runs its RPN, never samples, never computes a loss, never records an
+    autograd graph. Each field of :class:`DistillInputs` is computed once for all terms; the
+    student's box head runs once (its logits come from :class:`DistillROIHeads`).
 
     The teacher is deliberately not a submodule: it is not in ``state_dict()`` (checkpoints
     are student-only and load into a vanilla :class:`GeneralizedRCNN`), not in
@@ -41,11 +44,10 @@ class DistillationRCNN(GeneralizedRCNN):
     reach it (it stays in eval mode). ``to()``/``cuda()`` do move it. Inference is the
     student alone.
 
-    The feature term, by contrast, is a submodule (``feature_distiller``): its training-only
-    modules (ReviewKD's ABF) are optimised and synchronised by DDP with the student and saved
-    in training checkpoints, but never built for the student alone, and their keys are
-    dropped by strict student loading and by the export; its backbone features come from the
-    same single teacher backbone pass that feeds the teacher's box head.
+    The terms, by contrast, are a submodule (``distill_terms``): their training-only modules
+    (ReviewKD's ABF) are optimised and synchronised by DDP with the student and saved in
+    training checkpoints, but never built for the student alone, and their keys
+    (:data:`TRAINING_ONLY_PREFIXES`) are dropped by strict student loading and by the export.
     """
 
     @configurable
@@ -53,24 +55,40 @@ class DistillationRCNN(GeneralizedRCNN):
         self,
         *,
         teacher: Optional[GeneralizedRCNN] = None,
-        feature_distiller: Optional[nn.Module] = None,
+        distill_terms: Optional[nn.ModuleDict] = None,
         **kwargs,
     ):
         """
         Args:
             teacher: the frozen teacher, or None for the plain student.
-            feature_distiller: the feature distillation term (needs a teacher), or None.
+            distill_terms: the distillation terms by name (need a teacher), or None.
             kwargs: the arguments of :class:`GeneralizedRCNN` (the student).
         """
         super().__init__(**kwargs)
-        if feature_distiller is not None and teacher is None:
-            raise ValueError("A feature distillation term needs a teacher.")
-        if teacher is not None:
-            if not isinstance(self.roi_heads, DistillROIHeads):
-                raise ValueError(
-                    f"MODEL.ROI_HEADS.NAME is {type(self.roi_heads).__name__}; distillation needs "
-                    "DistillROIHeads."
+        terms = distill_terms if distill_terms is not None else nn.ModuleDict()
+        if len(terms) and teacher is None:
+            raise ValueError("Distillation terms need a teacher.")
+        reads = frozenset().union(*(t.reads for t in terms.values()))
+        if "student_logits" in reads and not isinstance(self.roi_heads, DistillROIHeads):
+            raise ValueError(
+                f"MODEL.ROI_HEADS.NAME is {type(self.roi_heads).__name__}, but the terms "
+                f"{[n for n, t in terms.items() if 'student_logits' in t.reads]} read the "
+                "student's box logits, which DistillROIHeads keeps: set MODEL.ROI_HEADS.NAME "
+                "DistillROIHeads."
+            )
+        if "teacher_logits" in reads:
+            heads = getattr(teacher, "roi_heads", None)
+            if not (
+                isinstance(heads, StandardROIHeads)
+                and isinstance(getattr(heads, "box_predictor", None), FastRCNNOutputLayers)
+            ):
+                raise TypeError(
+                    f"The teacher's ROI heads are {type(heads).__name__}, but a term reads the "
+                    "teacher's box logits, which need an ROI box head and predictor: the "
+                    "teacher must be a Faster/Mask R-CNN (StandardROIHeads), not e.g. RetinaNet "
+                    "or Cascade R-CNN."
                 )
+        if teacher is not None:
             formats = {teacher.input_format, self.input_format}
             if len(formats) > 1 and formats != {"RGB", "BGR"}:
                 raise ValueError(
@@ -78,23 +96,25 @@ class DistillationRCNN(GeneralizedRCNN):
                     f"{teacher.input_format}."
                 )
         self.__dict__["teacher"] = teacher  # not registered as a submodule: see the class docstring
-        # A submodule, training only (see above); the export and strict student loading drop
-        # its keys by this name (TRAINING_ONLY_PREFIXES).
-        self.feature_distiller = feature_distiller
+        self.distill_terms = terms  # training only: TRAINING_ONLY_PREFIXES
+        self._reads = reads
 
     @classmethod
     def from_config(cls, cfg):
+        tcfg = None
+        if uses_teacher(cfg):
+            tcfg = get_teacher_cfg(cfg)
+            check_distill_config(cfg, tcfg)  # before anything is built
         ret = super().from_config(cfg)
-        teacher = build_teacher(cfg) if uses_teacher(cfg) else None
-        ret["teacher"] = teacher
-        ret["feature_distiller"] = (
-            build_feature_distiller(
-                cfg, ret["backbone"].output_shape(), teacher.backbone.output_shape()
-            )
-            if teacher is not None
-            else None
-        )
-        return ret
+        if tcfg is None:
+            return {**ret, "teacher": None, "distill_terms": None}
+        teacher = build_teacher(cfg, tcfg)
+        student = _Parts(backbone=ret["backbone"], roi_heads=ret["roi_heads"])
+        return {
+            **ret,
+            "teacher": teacher,
+            "distill_terms": build_distill_terms(cfg, student, teacher),
+        }
 
     def _apply(self, fn, *args, **kwargs):
         # Keep the teacher on the student's device and dtype through to()/cuda()/half().
@@ -104,11 +124,9 @@ class DistillationRCNN(GeneralizedRCNN):
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """As :meth:`GeneralizedRCNN.forward`; in training with a teacher, the loss dict also
-        has the distillation losses: the logit term's (``loss_dkd`` or ``loss_kd``) and the
-        feature term's (e.g. ``loss_reviewkd``)."""
+        has every term's losses (e.g. ``loss_dkd``, ``loss_reviewkd``)."""
         if not self.training or self.teacher is None:
             return super().forward(batched_inputs)
-
         if not all("instances" in x for x in batched_inputs):
             # Upstream passes None on, to an assertion in the RPN or the ROI heads.
             raise ValueError(
@@ -131,19 +149,25 @@ class DistillationRCNN(GeneralizedRCNN):
             proposals = [x["proposals"].to(self.device) for x in batched_inputs]
             proposal_losses = {}
         teacher_features = self.teacher_features(batched_inputs)
-        _, detector_losses = self.roi_heads(
-            images,
-            features,
-            proposals,
-            gt_instances,
-            teacher_logits=partial(self.teacher_logits, teacher_features),
-        )
-        feature_losses = {}
-        if self.feature_distiller is not None:
-            feature_losses = self.feature_distiller(features, teacher_features)
+        sampled, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        inputs = DistillInputs(images, features, teacher_features, gt_instances)
+        if self._reads & BOX_FIELDS:
+            inputs.boxes = [p.proposal_boxes for p in sampled]
+            inputs.gt_classes = cat([p.gt_classes for p in sampled], dim=0)
+        if "student_logits" in self._reads:
+            inputs.student_logits = cat([p.class_logits for p in sampled], dim=0)
+        if "teacher_logits" in self._reads:
+            inputs.teacher_logits = self.teacher_logits(teacher_features, inputs.boxes)
+        distill_losses = {}
+        for name, term in self.distill_terms.items():
+            losses = term(inputs)
+            clash = distill_losses.keys() & losses.keys()
+            if clash:
+                raise KeyError(f"Distillation term {name!r} returns {sorted(clash)} again.")
+            distill_losses.update(losses)
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
             self.visualize_training(batched_inputs, proposals)
-        return {**detector_losses, **proposal_losses, **feature_losses}
+        return {**detector_losses, **distill_losses, **proposal_losses}
 
     @torch.no_grad()
     def teacher_features(
@@ -164,3 +188,11 @@ class DistillationRCNN(GeneralizedRCNN):
         box_features = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
         scores, _ = heads.box_predictor(heads.box_head(box_features))
         return scores
+
+
+class _Parts:
+    """The student's built parts that the terms' ``from_config`` may look at."""
+
+    def __init__(self, backbone: nn.Module, roi_heads: nn.Module):
+        self.backbone = backbone
+        self.roi_heads = roi_heads

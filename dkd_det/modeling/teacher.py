@@ -5,11 +5,9 @@ import os
 
 from detectron2 import model_zoo
 from detectron2.modeling import GeneralizedRCNN, build_model
-from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
 from ..config import get_dkd_cfg
-from .roi_heads import check_softmax_classifier, check_softmax_predictor
 
 __all__ = ["build_teacher", "get_teacher_cfg"]
 
@@ -25,10 +23,10 @@ def get_teacher_cfg(cfg):
     path = cfg.MODEL.TEACHER.CONFIG_FILE
     if not path:
         raise ValueError(
-            f"MODEL.DISTILL.TYPE is {cfg.MODEL.DISTILL.TYPE} and MODEL.DISTILL.FEATURE.TYPE "
-            f"{cfg.MODEL.DISTILL.FEATURE.TYPE} but MODEL.TEACHER.CONFIG_FILE is empty. "
-            "Set it to the teacher's detectron2 config (a path, or a model-zoo name such as "
-            "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml), or set both types to NONE."
+            f"MODEL.DISTILL.TERMS is {list(cfg.MODEL.DISTILL.TERMS)} but "
+            "MODEL.TEACHER.CONFIG_FILE is empty. Set it to the teacher's detectron2 config (a "
+            "path, or a model-zoo name such as COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml), "
+            "or MODEL.DISTILL.TERMS to [] for the plain student."
         )
     if not os.path.isfile(path):
         try:
@@ -46,18 +44,21 @@ def get_teacher_cfg(cfg):
     return tcfg
 
 
-def build_teacher(cfg) -> GeneralizedRCNN:
+def build_teacher(cfg, tcfg=None) -> GeneralizedRCNN:
     """Build, load, check and freeze the teacher described by ``cfg.MODEL.TEACHER``.
 
     Raises a clear error if the config or weights are missing, if the weights do not fit
-    the architecture, if the teacher is not a two-stage R-CNN with a softmax box predictor
-    (no sigmoid cross-entropy or federated loss), or if its class count differs from the
-    student's ``MODEL.ROI_HEADS.NUM_CLASSES``.
+    the architecture, if the teacher is not a ``GeneralizedRCNN``, or if its class count
+    differs from the student's ``MODEL.ROI_HEADS.NUM_CLASSES``. (What a distillation term
+    needs of the teacher beyond that, the term checks.)
+
+    Args:
+        tcfg: the teacher's config if already built (:func:`get_teacher_cfg`).
 
     Returns:
         the teacher in eval mode with ``requires_grad=False`` on every parameter.
     """
-    tcfg = get_teacher_cfg(cfg)
+    tcfg = tcfg if tcfg is not None else get_teacher_cfg(cfg)
     if not cfg.MODEL.TEACHER.WEIGHTS:
         raise ValueError(
             "MODEL.TEACHER.WEIGHTS is empty: a randomly initialised teacher teaches nothing. "
@@ -68,24 +69,14 @@ def build_teacher(cfg) -> GeneralizedRCNN:
         f"the teacher (MODEL.TEACHER.CONFIG_FILE {cfg.MODEL.TEACHER.CONFIG_FILE!r} with "
         "MODEL.TEACHER.OPTS)"
     )
-    box = tcfg.MODEL.ROI_BOX_HEAD
-    check_softmax_classifier(box.USE_SIGMOID_CE, box.USE_FED_LOSS, who)
     teacher = build_model(tcfg)
     heads = getattr(teacher, "roi_heads", None)
-    if not (
-        isinstance(teacher, GeneralizedRCNN)
-        and isinstance(heads, StandardROIHeads)
-        and isinstance(getattr(heads, "box_predictor", None), FastRCNNOutputLayers)
-    ):
+    if not isinstance(teacher, GeneralizedRCNN):
         raise TypeError(
-            f"The teacher ({tcfg.MODEL.META_ARCHITECTURE} with "
-            f"{tcfg.MODEL.ROI_HEADS.NAME if heads is not None else 'no ROI heads'}) is not a "
-            "two-stage R-CNN with an ROI box predictor: DKD distils the box head's classification "
-            "logits, so the teacher must be a Faster/Mask R-CNN (GeneralizedRCNN with "
-            "StandardROIHeads), not e.g. RetinaNet or Cascade R-CNN."
+            f"The teacher ({who}) is a {tcfg.MODEL.META_ARCHITECTURE}, not a two-stage R-CNN: "
+            "dkd-det distils a GeneralizedRCNN teacher (Faster/Mask R-CNN)."
         )
-    check_softmax_predictor(heads.box_predictor, who)
-    if heads.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+    if heads is not None and heads.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
         raise ValueError(
             f"The teacher predicts {heads.num_classes} classes but the student "
             f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES} (MODEL.ROI_HEADS.NUM_CLASSES): their logits "

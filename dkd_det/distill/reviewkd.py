@@ -2,7 +2,7 @@
 CVPR 2021): attention-based fusion (ABF) of the student's FPN levels, top-down, then the
 hierarchical context loss (HCL) against the teacher's levels.
 
-The level set is FPN's p2..p6 (``MODEL.DISTILL.FEATURE.REVIEWKD.IN_FEATURES``): the
+The level set is FPN's p2..p6 (``MODEL.DISTILL.REVIEWKD.IN_FEATURES``): the
 reference implementations (ReviewKD's and mdistiller's detection code) distil every output
 of the student's FPN backbone, which for detectron2's FPN with its max-pooled P6 are these
 five. Fusion starts at the coarsest level: p6 goes through its ABF alone; each finer level
@@ -20,7 +20,7 @@ from fvcore.nn import weight_init
 from torch import nn
 
 from ..losses import hcl_loss
-from .feature_distiller import FEATURE_DISTILLER_REGISTRY
+from .base import DISTILL_TERM_REGISTRY, DistillInputs, DistillTerm
 
 __all__ = ["ABF", "ReviewKD"]
 
@@ -82,13 +82,15 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
-@FEATURE_DISTILLER_REGISTRY.register()
-class ReviewKD(nn.Module):
-    """ReviewKD's feature term: ``{"loss_reviewkd": loss_weight * HCL(ABF(student), teacher)}``.
+@DISTILL_TERM_REGISTRY.register()
+class ReviewKD(DistillTerm):
+    """ReviewKD's feature term: ``{"loss_reviewkd": weight * HCL(ABF(student), teacher)}``.
 
     Its ABF modules are trained with the student (they are in ``model.parameters()``) and
-    exist only in training: see :mod:`dkd_det.modeling.feature_distiller`.
+    exist only in training: see :mod:`dkd_det.distill.base`.
     """
+
+    reads = frozenset({"student_features", "teacher_features"})
 
     @configurable
     def __init__(
@@ -100,7 +102,7 @@ class ReviewKD(nn.Module):
         mid_channels: int = 256,
         norm: str = "BN",
         pool_scales: Sequence[int] = (4, 2, 1),
-        loss_weight: float = 1.0,
+        **kw,
     ):
         """
         Args:
@@ -109,14 +111,12 @@ class ReviewKD(nn.Module):
             mid_channels: channels of the fused features.
             norm: the ABF modules' norm.
             pool_scales: HCL's pooled scales (see :func:`dkd_det.losses.hcl_loss`).
-            loss_weight: multiplies HCL, >= 0.
+            kw: :class:`DistillTerm`'s (loss weight, warm-up).
         """
-        super().__init__()
-        if loss_weight < 0:
-            raise ValueError(f"MODEL.DISTILL.FEATURE.LOSS_WEIGHT = {loss_weight}: must be >= 0.")
+        super().__init__(**kw)
         if not pool_scales or min(pool_scales) < 1:
             raise ValueError(
-                f"MODEL.DISTILL.FEATURE.REVIEWKD.POOL_SCALES = {list(pool_scales)}: must be "
+                f"MODEL.DISTILL.REVIEWKD.POOL_SCALES = {list(pool_scales)}: must be "
                 "non-empty, each >= 1."
             )
         self.in_features = list(in_features)
@@ -126,20 +126,41 @@ class ReviewKD(nn.Module):
             for i, (c_s, c_t) in enumerate(zip(student_channels, teacher_channels))
         )
         self.pool_scales = tuple(pool_scales)
-        self.loss_weight = loss_weight
         self.norm = norm
 
     @classmethod
-    def from_config(
-        cls, cfg, student_shape: Dict[str, ShapeSpec], teacher_shape: Dict[str, ShapeSpec]
-    ):
-        r = cfg.MODEL.DISTILL.FEATURE.REVIEWKD
+    def add_term_config(cls, node):
+        # The student's and the teacher's backbone outputs distilled, fused top-down from the
+        # last (coarsest) one: FPN's p2..p6, all the levels the reference distils.
+        node.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+        # Channels of the fused features inside the ABF modules.
+        node.MID_CHANNELS = 256
+        # The ABF modules' norm (get_norm): "BN" as the reference, "SyncBN", "GN", "" (none).
+        node.NORM = "BN"
+        # HCL's pooled scales (output side of adaptive average pooling), each weighted half the
+        # previous one after the full-resolution term; a scale >= a level's min(H, W) is skipped.
+        node.POOL_SCALES = [4, 2, 1]
+
+    @classmethod
+    def renamed_keys(cls):
+        old = "MODEL.DISTILL.FEATURE.REVIEWKD"
+        keys = ("IN_FEATURES", "MID_CHANNELS", "NORM", "POOL_SCALES")
+        return {
+            old: "MODEL.DISTILL.REVIEWKD",
+            **{f"{old}.{k}": f"MODEL.DISTILL.REVIEWKD.{k}" for k in keys},
+        }
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher):
+        student_shape: Dict[str, ShapeSpec] = student.backbone.output_shape()
+        teacher_shape: Dict[str, ShapeSpec] = teacher.backbone.output_shape()
+        r = cls.term_config(cfg)
         names = list(r.IN_FEATURES)
         for who, shape in (("student", student_shape), ("teacher", teacher_shape)):
             missing = [f for f in names if f not in shape]
             if not names or missing:
                 raise ValueError(
-                    f"MODEL.DISTILL.FEATURE.REVIEWKD.IN_FEATURES {names}: the {who}'s backbone "
+                    f"MODEL.DISTILL.REVIEWKD.IN_FEATURES {names}: the {who}'s backbone "
                     f"has no {missing or 'levels'}; its outputs are {sorted(shape)}."
                 )
         for f in names:
@@ -150,13 +171,13 @@ class ReviewKD(nn.Module):
                 )
         names.sort(key=lambda f: student_shape[f].stride)  # finest first, fused from the last
         return {
+            **cls.shared_kwargs(cfg),
             "in_features": names,
             "student_channels": [student_shape[f].channels for f in names],
             "teacher_channels": [teacher_shape[f].channels for f in names],
             "mid_channels": r.MID_CHANNELS,
             "norm": r.NORM,
             "pool_scales": list(r.POOL_SCALES),
-            "loss_weight": cfg.MODEL.DISTILL.FEATURE.LOSS_WEIGHT,
         }
 
     def fuse(self, student_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
@@ -168,10 +189,9 @@ class ReviewKD(nn.Module):
             outputs[i], fused = self.abfs[i](student_features[self.in_features[i]], fused)
         return outputs
 
-    def forward(
-        self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]
-    ) -> Dict[str, torch.Tensor]:
+    def losses(self, inputs: DistillInputs) -> Dict[str, torch.Tensor]:
         """{name: (N, C_s, H, W)}, {name: (N, C_t, H, W)} -> {"loss_reviewkd": float32 scalar}."""
+        student_features, teacher_features = inputs.student_features, inputs.teacher_features
         for f in self.in_features:
             if student_features[f].shape[-2:] != teacher_features[f].shape[-2:]:
                 raise ValueError(
@@ -183,11 +203,11 @@ class ReviewKD(nn.Module):
                 raise ValueError(
                     f"ReviewKD level {f!r} is a single pixel of a single image: batch norm in "
                     "the ABF modules needs more than one value per channel. Use larger images "
-                    "or more images per GPU, or MODEL.DISTILL.FEATURE.REVIEWKD.NORM GN or ''."
+                    "or more images per GPU, or MODEL.DISTILL.REVIEWKD.NORM GN or ''."
                 )
         loss = hcl_loss(
             self.fuse(student_features),
             [teacher_features[f] for f in self.in_features],
             self.pool_scales,
         )
-        return {"loss_reviewkd": self.loss_weight * loss}
+        return {"loss_reviewkd": loss}

@@ -1,0 +1,38 @@
+"""Distillation terms: the registry (:mod:`.base`) and one module per method."""
+
+from .base import (
+    DISTILL_TERM_REGISTRY,
+    PLUGINS_ENV,
+    DistillInputs,
+    DistillTerm,
+    add_distill_config,
+    build_distill_terms,
+    check_distill_config,
+    load_plugins,
+    registered_terms,
+    term_names,
+)
+from .dkd import DKD
+from .kd import KD
+from .logits import LogitTerm, check_softmax_classifier, check_softmax_predictor
+from .reviewkd import ABF, ReviewKD
+
+__all__ = [
+    "DISTILL_TERM_REGISTRY",
+    "PLUGINS_ENV",
+    "DistillInputs",
+    "DistillTerm",
+    "LogitTerm",
+    "add_distill_config",
+    "build_distill_terms",
+    "check_distill_config",
+    "check_softmax_classifier",
+    "check_softmax_predictor",
+    "load_plugins",
+    "registered_terms",
+    "term_names",
+    "DKD",
+    "KD",
+    "ABF",
+    "ReviewKD",
+]
