@@ -5,7 +5,7 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .distill import add_distill_config, load_plugins
+from .distill import add_distill_config, explain_unknown_key, load_plugins
 
 __all__ = ["add_dkd_config", "get_dkd_cfg", "student_cfg", "uses_teacher"]
 
@@ -77,8 +77,14 @@ def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
     load_plugins()
     cfg = get_cfg()
     add_dkd_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    for source, merge, arg in (
+        (f"{key} {config_file!r}", cfg.merge_from_file, config_file),
+        (f"the overrides of {key} {config_file!r}", cfg.merge_from_list, list(opts)),
+    ):
+        try:
+            merge(arg)
+        except KeyError as e:
+            raise KeyError(f"{source}: {explain_unknown_key(e)}") from None
     return cfg
 
 

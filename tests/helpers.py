@@ -58,6 +58,27 @@ R50 = os.path.join(ROOT, "configs/COCO/faster_rcnn_r50_fpn.yaml")
 DKD_R18 = os.path.join(ROOT, "configs/COCO/dkd_r101_r18.yaml")
 
 
+def batch(n=2, size=96, seed=0):
+    """Inputs as detectron2's DatasetMapper makes them: CHW uint8-valued float, with boxes."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]))
+        inst.gt_classes = torch.tensor([0, 2])
+        out.append(
+            {
+                "image": torch.randint(0, 256, (3, size, size), generator=g).float(),
+                "instances": inst,
+                "height": size,
+                "width": size,
+            }
+        )
+    return out
+
+
 def make_cfg(config_file, *opts):
     """A frozen dkd-det config: the file, the tiny overrides, then ``opts``."""
     from dkd_det.config import get_dkd_cfg

@@ -14,7 +14,8 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from detectron2.structures import ImageList
 
-from dkd_det.checkpoint import missing_weights_hint
+from dkd_det.checkpoint import missing_weights_hint, resolve_weights
+from dkd_det.config import get_dkd_cfg
 from dkd_det.modeling import MobileNetV2
 
 from helpers import R50, ROOT, TINY, make_cfg, randomise_bn, run_tool, save_random_model
@@ -144,7 +145,7 @@ def test_converter_rejects_another_architecture(tmp_path):
     assert not (tmp_path / "x.pkl").exists()
 
 
-def test_missing_weights_name_the_converter():
+def test_missing_weights_name_the_converter(tmp_path, monkeypatch):
     hint = missing_weights_hint("weights/MobileNetV2-torchvision.pkl")
     assert (
         "convert_torchvision_to_d2.py --arch mobilenet_v2 weights/MobileNetV2-torchvision.pkl"
@@ -154,9 +155,11 @@ def test_missing_weights_name_the_converter():
         "x/R-18-torchvision.pkl"
     )
     assert missing_weights_hint("weights/other.pkl") == ""
-    assert make_cfg(
-        MV2, "MODEL.WEIGHTS", "weights/MobileNetV2-torchvision.pkl"
-    ).MODEL.WEIGHTS.endswith("MobileNetV2-torchvision.pkl")
+    # The MobileNetV2 config's own initialisation, where it is missing, names that converter.
+    own = get_dkd_cfg(MV2).MODEL.WEIGHTS
+    monkeypatch.chdir(tmp_path)  # a checkout without weights/
+    with pytest.raises(FileNotFoundError, match="--arch mobilenet_v2 " + own):
+        resolve_weights(own, "MODEL.WEIGHTS")
 
 
 @pytest.mark.parametrize("norm, freeze_at", [("BN", 2), ("FrozenBN", 0), ("SyncBN", 3)])

@@ -7,29 +7,9 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from helpers import DKD_R18, R18, R50, TEACHER_OPTS, TINY, make_cfg, save_random_model
-
-
-def batch(n=2, size=96, seed=0):
-    """Inputs as detectron2's DatasetMapper makes them: CHW uint8-valued float, with boxes."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        out.append(
-            {
-                "image": torch.randint(0, 256, (3, size, size), generator=g).float(),
-                "instances": inst,
-                "height": size,
-                "width": size,
-            }
-        )
-    return out
+from helpers import DKD_R18, R18, R50, TEACHER_OPTS, TINY, batch, make_cfg, save_random_model
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ __all__ = [
     "add_distill_config",
     "build_distill_terms",
     "check_distill_config",
+    "explain_unknown_key",
     "registered_terms",
     "term_names",
     "load_plugins",
@@ -249,6 +250,20 @@ def term_names(cfg: CN) -> List[str]:
             f"{PLUGINS_ENV})."
         )
     return terms
+
+
+def explain_unknown_key(error: KeyError) -> str:
+    """yacs' message for an unknown key, with the registered terms and how to register one
+    added when the key is under ``MODEL.DISTILL``."""
+    message = str(error.args[0]) if error.args else str(error)
+    if "Non-existent" in message and "MODEL.DISTILL." in message:
+        message += (
+            f": no registered term has this key; the registered terms are "
+            f"{sorted(registered_terms())} (each with its node MODEL.DISTILL.<TERM>). A term "
+            f"defined outside dkd_det is registered by importing its module first, for the tools "
+            f"with the environment variable {PLUGINS_ENV}=my_terms.py (or a module name)."
+        )
+    return message
 
 
 def check_distill_config(cfg: CN, teacher_cfg: CN) -> None:

@@ -21,7 +21,7 @@ from .teacher import build_teacher, get_teacher_cfg
 __all__ = ["DistillationRCNN", "TRAINING_ONLY_PREFIXES"]
 
 # State-dict prefixes of the training-only modules that sit beside the student in training
-# checkpoints (the distillation terms' modules, e.g. ReviewKD's ABF): never part of the
+# checkpoints (the modules the distillation terms train, e.g. fusion blocks): never part of the
 # student's inference or export; strict student loading and the export drop them.
 TRAINING_ONLY_PREFIXES = ("distill_terms.",)
 
@@ -45,7 +45,7 @@ class DistillationRCNN(GeneralizedRCNN):
     student alone.
 
     The terms, by contrast, are a submodule (``distill_terms``): their training-only modules
-    (ReviewKD's ABF) are optimised and synchronised by DDP with the student and saved in
+    (e.g. feature-fusion blocks) are optimised and synchronised by DDP with the student and saved in
     training checkpoints, but never built for the student alone, and their keys
     (:data:`TRAINING_ONLY_PREFIXES`) are dropped by strict student loading and by the export.
     """
