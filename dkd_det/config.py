@@ -37,6 +37,16 @@ def add_dkd_config(cfg):
     # Overrides merged into the teacher's config, as KEY VALUE pairs:
     # e.g. ["MODEL.ROI_HEADS.NUM_CLASSES", "20"].
     _C.MODEL.TEACHER.OPTS = []
+    # How the teacher runs (what it computes is unchanged beyond precision; see README):
+    # its forward passes under autocast to this dtype, "float32" (off), "bfloat16" or "float16",
+    # whatever the student trains in; outputs are handed to the terms as float32.
+    _C.MODEL.TEACHER.DTYPE = "float32"
+    # Teacher weights and input images in channels_last memory format (faster convolutions on
+    # GPUs with tensor cores).
+    _C.MODEL.TEACHER.CHANNELS_LAST = False
+    # torch.compile's backend for the teacher's backbone, with dynamic shapes ("" off;
+    # "inductor" on a GPU). The first iterations pay the compile time.
+    _C.MODEL.TEACHER.COMPILE = ""
 
     # Users' own COCO-format datasets, registered by name before training:
     # a list of (name, json_file, image_root) triples, e.g. in yaml

@@ -186,3 +186,34 @@ def test_model_zoo_teacher_url_fails_clearly_offline(monkeypatch, tmp_path):
         build_model(
             make_cfg(DKD_R18, "MODEL.TEACHER.WEIGHTS", "https://127.0.0.1:9/no/model_final.pkl")
         )
+
+
+@pytest.mark.parametrize(
+    "switch, value, tol",
+    [
+        ("CHANNELS_LAST", "True", 1e-4),
+        # dynamo's graph capture without a C++ compiler; a minute of tracing on the CPU
+        pytest.param("COMPILE", "aot_eager", 1e-4, marks=pytest.mark.slow),
+        ("DTYPE", "bfloat16", 0.1),  # bf16 keeps 8 bits of mantissa: ~1e-2 relative per op
+    ],
+)
+def test_teacher_switches_keep_its_outputs(switch, value, tol, dkd_opts):
+    """MODEL.TEACHER.{CHANNELS_LAST, COMPILE, DTYPE} change how the teacher runs, not what it
+    computes: its features and box logits stay within ``tol`` (relative to their scale) of
+    the float32 eager teacher's, and reach the terms as float32."""
+    plain = build_model(make_cfg(DKD_R18, *dkd_opts))
+    fast = build_model(make_cfg(DKD_R18, *dkd_opts, f"MODEL.TEACHER.{switch}", value))
+    inputs = batch()
+    boxes = [x["instances"].gt_boxes for x in inputs]
+    with torch.no_grad():
+        want = plain.teacher_features(inputs)
+        got = fast.teacher_features(inputs)
+        want_logits = plain.teacher_logits(want, boxes)
+        got_logits = fast.teacher_logits(got, boxes)
+    for k in want:
+        assert got[k].dtype == torch.float32
+        scale = want[k].abs().max()
+        torch.testing.assert_close(got[k] / scale, want[k] / scale, atol=tol, rtol=0)
+    assert got_logits.dtype == torch.float32
+    scale = want_logits.abs().max()
+    torch.testing.assert_close(got_logits / scale, want_logits / scale, atol=tol, rtol=0)

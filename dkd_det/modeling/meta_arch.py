@@ -16,7 +16,7 @@ from ..config import uses_teacher
 from ..distill import DistillInputs, build_distill_terms, check_distill_config
 from ..distill.base import BOX_FIELDS
 from .roi_heads import DistillROIHeads
-from .teacher import build_teacher, get_teacher_cfg
+from .teacher import build_teacher, get_teacher_cfg, teacher_autocast
 
 __all__ = ["DistillationRCNN", "TRAINING_ONLY_PREFIXES"]
 
@@ -177,17 +177,24 @@ class DistillationRCNN(GeneralizedRCNN):
         teacher's own pixel mean/std, channel order and padding."""
         if self.teacher.input_format != self.input_format:  # RGB <-> BGR
             batched_inputs = [{"image": x["image"].flip(0)} for x in batched_inputs]
-        images = self.teacher.preprocess_image(batched_inputs)
-        return self.teacher.backbone(images.tensor)
+        images = self.teacher.preprocess_image(batched_inputs).tensor
+        if getattr(self.teacher, "channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        with teacher_autocast(self.teacher, self.device):
+            features = self.teacher.backbone(images)
+        if getattr(self.teacher, "autocast_dtype", None) is not None:
+            features = {k: v.float() for k, v in features.items()}
+        return features
 
     @torch.no_grad()
     def teacher_logits(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
         """The teacher's box-head classification logits, (R, K+1), for the given boxes
         (image coordinates, R boxes over all images)."""
         heads = self.teacher.roi_heads
-        box_features = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
-        scores, _ = heads.box_predictor(heads.box_head(box_features))
-        return scores
+        with teacher_autocast(self.teacher, self.device):
+            box_features = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+            scores, _ = heads.box_predictor(heads.box_head(box_features))
+        return scores.float() if getattr(self.teacher, "autocast_dtype", None) else scores
 
 
 class _Parts:

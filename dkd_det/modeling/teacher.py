@@ -1,15 +1,19 @@
 """Building the frozen teacher: its own config, its own weights, checked before training."""
 
+import contextlib
 import logging
 import os
 
+import torch
 from detectron2 import model_zoo
 from detectron2.modeling import GeneralizedRCNN, build_model
 
 from ..checkpoint import StrictCheckpointer, resolve_weights
 from ..config import get_dkd_cfg
 
-__all__ = ["build_teacher", "get_teacher_cfg"]
+__all__ = ["build_teacher", "get_teacher_cfg", "teacher_autocast", "TEACHER_DTYPES"]
+
+TEACHER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 logger = logging.getLogger(__name__)
 
@@ -92,4 +96,23 @@ def build_teacher(cfg, tcfg=None) -> GeneralizedRCNN:
     logger.info("Teacher %s loaded from %s", tcfg.MODEL.META_ARCHITECTURE, weights)
     teacher.eval()
     teacher.requires_grad_(False)
+    t = cfg.MODEL.TEACHER
+    if t.DTYPE not in TEACHER_DTYPES:
+        raise ValueError(f"MODEL.TEACHER.DTYPE = {t.DTYPE!r}: one of {sorted(TEACHER_DTYPES)}.")
+    teacher.autocast_dtype = TEACHER_DTYPES[t.DTYPE]
+    teacher.channels_last = bool(t.CHANNELS_LAST)
+    if teacher.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    if t.COMPILE:
+        teacher.backbone = torch.compile(teacher.backbone, backend=t.COMPILE, dynamic=True)
+        logger.info("Teacher backbone compiled with torch.compile(backend=%r)", t.COMPILE)
     return teacher
+
+
+def teacher_autocast(teacher, device: torch.device):
+    """The autocast context the teacher runs in (``MODEL.TEACHER.DTYPE``); a no-op context
+    (the caller's autocast, if any, applies) for float32."""
+    dtype = getattr(teacher, "autocast_dtype", None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
