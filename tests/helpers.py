@@ -144,3 +144,47 @@ def load_tool(script):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(*torchrun_args):
+    """The command that runs ``torchrun <torchrun_args> tools/train_net.py`` with this Python;
+    append train_net.py's own arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args,
+        os.path.join(ROOT, "tools", "train_net.py"),
+    ]
+
+
+def child_pids(pid):
+    """The pids of the processes whose parent is ``pid`` (read from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended meanwhile
+            if ppid == pid:
+                children.append(int(entry))
+    return children
+
+
+def process_env(pid):
+    """The environment ``pid`` started with, as a dict (read from /proc)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
+    return {k.decode(): v.decode(errors="replace") for k, v in items}

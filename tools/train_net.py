@@ -4,18 +4,21 @@
 python tools/train_net.py --config-file configs/COCO/dkd_r101_r18.yaml --num-gpus 8
 python tools/train_net.py --config-file configs/COCO/dkd_r101_r18.yaml \\
     --eval-only MODEL.WEIGHTS model_final.pth
+torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --max-restarts 3 \\
+    --master-addr HOST0 --master-port 29400 tools/train_net.py \\
+    --config-file configs/COCO/dkd_r101_r18.yaml --dist-timeout 600  # and --node-rank 1 on HOST1
 """
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from dkd_det.config import get_dkd_cfg, student_cfg
 from dkd_det.data import check_datasets, register_coco_format
-from dkd_det.engine import Trainer, load_student
+from dkd_det.engine import Trainer, argument_parser, launch, load_student, resume_or_load
 
 
 def setup(args):
@@ -43,18 +46,11 @@ def main(args):
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    resume_or_load(trainer, resume=args.resume)  # also resumes when torchrun restarted the job
     return trainer.train()
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch(main, args)  # detectron2's launcher, or one worker of torchrun's

@@ -1,5 +1,16 @@
 from .hooks import TeacherCheck
+from .launcher import LostPeerError, argument_parser, launch, restart_count, resume_or_load
 from .predictor import Predictor, load_student
 from .trainer import Trainer
 
-__all__ = ["Predictor", "TeacherCheck", "Trainer", "load_student"]
+__all__ = [
+    "LostPeerError",
+    "Predictor",
+    "TeacherCheck",
+    "Trainer",
+    "argument_parser",
+    "launch",
+    "load_student",
+    "restart_count",
+    "resume_or_load",
+]
