@@ -188,3 +188,15 @@ def process_env(pid):
     with open(f"/proc/{pid}/environ", "rb") as f:
         items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
     return {k.decode(): v.decode(errors="replace") for k, v in items}
+
+
+def captured_logs(name):
+    """A list that receives the messages of logger ``name`` (caplog misses loggers that
+    detectron2's setup_logger set not to propagate)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger(name).addHandler(handler)
+    return records, lambda: logging.getLogger(name).removeHandler(handler)

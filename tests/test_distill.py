@@ -17,7 +17,18 @@ from dkd_det.config import get_dkd_cfg
 from dkd_det.distill import DISTILL_TERM_REGISTRY, DistillTerm
 from dkd_det.losses import dkd_loss, kd_loss
 
-from helpers import DKD_R18, ROOT, TINY, batch, make_cfg, run_tool
+from helpers import (
+    DKD_R18,
+    R18,
+    ROOT,
+    TEACHER_OPTS,
+    TINY,
+    batch,
+    captured_logs,
+    make_cfg,
+    run_tool,
+    save_random_model,
+)
 
 # ---- an out-of-tree term: this module is its plugin (DKD_DET_PLUGINS) ------------------------
 
@@ -187,3 +198,101 @@ def test_every_shipped_config_lists_registered_terms():
         for name in sorted(os.listdir(os.path.join(ROOT, "configs", folder))):
             cfg = get_dkd_cfg(os.path.join(ROOT, "configs", folder, name))
             term_names(cfg)  # raises on an unknown term
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads DKD cannot distil
+
+
+@pytest.mark.parametrize("key", ["USE_SIGMOID_CE", "USE_FED_LOSS"])
+def test_sigmoid_or_federated_box_predictor_is_refused(key, dkd_opts):
+    # Both refused before any model is built (detectron2 would assert on some combinations).
+    with pytest.raises(ValueError, match=f"MODEL.ROI_BOX_HEAD.{key} is True for the student"):
+        build_model(make_cfg(DKD_R18, *dkd_opts, f"MODEL.ROI_BOX_HEAD.{key}", "True"))
+    cfg = make_cfg(
+        DKD_R18, *dkd_opts, "MODEL.TEACHER.OPTS", repr(TINY + [f"MODEL.ROI_BOX_HEAD.{key}", "True"])
+    )
+    with pytest.raises(ValueError, match=f"MODEL.ROI_BOX_HEAD.{key} is True for the teacher"):
+        build_model(cfg)
+    # A plain student (no distillation), or one with feature terms only, may use them.
+    build_model(
+        make_cfg(DKD_R18, "MODEL.DISTILL.TERMS", "[]", "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "True")
+    )
+
+
+def test_single_class_warns_that_nckd_vanishes(tmp_path):
+    one = ["MODEL.ROI_HEADS.NUM_CLASSES", "1"]
+    teacher = save_random_model(make_cfg(R18, *one), str(tmp_path / "one_class.pth"))
+    opts = TEACHER_OPTS[:-1] + [repr(TINY + one), "MODEL.TEACHER.WEIGHTS", teacher]
+    records, remove = captured_logs("dkd_det.distill.dkd")
+    try:
+        build_model(make_cfg(DKD_R18, *opts, *one))
+        assert any("NCKD is identically 0" in r and "ALPHA" in r for r in records), records
+        records.clear()
+        build_model(make_cfg(DKD_R18, *opts, *one, "MODEL.DISTILL.TERMS", "['KD']"))
+        assert records == []
+    finally:
+        remove()
+    # It is so: one class, any logits -> NCKD 0.
+    from dkd_det.losses import decoupled_kd
+
+    g = torch.Generator().manual_seed(0)
+    _, nckd = decoupled_kd(
+        torch.randn(16, 2, generator=g),
+        torch.randn(16, 2, generator=g),
+        torch.randint(0, 2, (16,), generator=g),
+        2.0,
+    )
+    assert nckd.abs().item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# TCKD/NCKD: the mean over ranks; the image check split over ranks
+
+
+def _rank_logits(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return (
+        torch.randn(32, 4, generator=g) * 3,
+        torch.randn(32, 4, generator=g) * 3,
+        torch.randint(0, 4, (32,), generator=g),
+    )
+
+
+def _two_rank_worker(out_dir, paths):
+
+    from detectron2.utils import comm
+
+    from dkd_det.data import find_broken_images
+    from dkd_det.distill import DKD, DistillInputs
+
+    term = DKD(temperature=2.0, alpha=1.0, beta=8.0)
+    z_s, z_t, t = _rank_logits(comm.get_rank())
+    with EventStorage(0) as storage:
+        term(DistillInputs(None, {}, {}, [], gt_classes=t, student_logits=z_s, teacher_logits=z_t))
+        logged = {k: storage.latest()[k][0] for k in ("dkd/tckd", "dkd/nckd")}
+    broken = find_broken_images(paths)
+    torch.save({"logged": logged, "broken": broken}, os.path.join(out_dir, f"{comm.get_rank()}.pt"))
+
+
+@pytest.mark.slow
+def test_tckd_nckd_are_the_mean_over_ranks(tmp_path, tiny_data):
+    """Two GLOO processes: both log the mean of the ranks' TCKD and NCKD (as detectron2 logs
+    the losses), and the image check, split between them, gives both the whole answer."""
+    from detectron2.engine import launch
+
+    from dkd_det.losses import decoupled_kd
+
+    root = tiny_data["val"][1]
+    paths = [os.path.join(root, n) for n in sorted(os.listdir(root))]
+    paths += [str(tmp_path / "gone.png"), str(tmp_path / "empty.png")]
+    open(tmp_path / "empty.png", "w").close()
+    launch(_two_rank_worker, 2, dist_url="auto", args=(str(tmp_path), paths))
+    local = [decoupled_kd(*_rank_logits(r), 2.0) for r in (0, 1)]
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"{rank}.pt")
+        for i, name in enumerate(("dkd/tckd", "dkd/nckd")):
+            mean = (local[0][i].item() + local[1][i].item()) / 2
+            assert out["logged"][name] == pytest.approx(mean, rel=1e-5), (rank, name)
+        assert list(out["broken"]) == paths[-2:]
+    assert local[0][0].item() != pytest.approx(local[1][0].item())  # the ranks did differ

@@ -7,7 +7,10 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
+
+from dkd_det.distill import DistillInputs
 
 from helpers import DKD_R18, R18, R50, TEACHER_OPTS, TINY, batch, make_cfg, save_random_model
 
@@ -217,3 +220,89 @@ def test_teacher_switches_keep_its_outputs(switch, value, tol, dkd_opts):
     assert got_logits.dtype == torch.float32
     scale = want_logits.abs().max()
     torch.testing.assert_close(got_logits / scale, want_logits / scale, atol=tol, rtol=0)
+
+
+def test_image_without_boxes_and_batch_without_proposals(dkd_opts):
+    model = build_model(make_cfg(DKD_R18, *dkd_opts))
+    model.train()
+    empty = Instances(
+        (96, 96), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long)
+    )
+    with EventStorage(0):
+        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": empty}] * 2)
+        assert all(torch.isfinite(v) for v in losses.values()) and "loss_dkd" in losses
+        sum(losses.values()).backward()
+        # No proposals and no ground truth at all: the ROI heads see zero regions.
+        images = ImageList.from_tensors([torch.zeros(3, 96, 96)], 32)
+        features = model.backbone(images.tensor)
+        no_props = Instances(
+            (96, 96), proposal_boxes=Boxes(torch.zeros(0, 4)), objectness_logits=torch.zeros(0)
+        )
+        sampled, losses = model.roi_heads(images, features, [no_props], [empty])
+        assert sampled[0].class_logits.shape == (0, 4)
+        inputs = DistillInputs(
+            images,
+            features,
+            features,
+            [empty],
+            gt_classes=sampled[0].gt_classes,
+            student_logits=sampled[0].class_logits,
+            teacher_logits=torch.zeros(0, 4),
+        )
+        losses.update(model.distill_terms["dkd"](inputs))
+    assert losses["loss_dkd"].item() == 0.0 and torch.isfinite(losses["loss_cls"])
+
+
+def _inputs(with_instances=True, with_proposals=False, size=96):
+    out = []
+    for i in range(2):
+        x = {"image": torch.rand(3, size, size) * 255, "height": size, "width": size}
+        if with_instances:
+            x["instances"] = Instances(
+                (size, size),
+                gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0]])),
+                gt_classes=torch.tensor([i]),
+            )
+        if with_proposals:
+            x["proposals"] = Instances(
+                (size, size),
+                proposal_boxes=Boxes(
+                    torch.tensor([[8.0, 10.0, 52.0, 58.0], [30.0, 30.0, 90.0, 90.0]])
+                ),
+                objectness_logits=torch.tensor([2.0, 1.0]),
+            )
+        out.append(x)
+    return out
+
+
+def test_precomputed_proposals_train_like_upstream(dkd_opts):
+    """MODEL.LOAD_PROPOSALS: the student has no RPN and takes the inputs' proposals, as
+    GeneralizedRCNN.forward does; the teacher still distils on the sampled boxes."""
+    model = build_model(
+        make_cfg(
+            DKD_R18,
+            *dkd_opts,
+            "MODEL.LOAD_PROPOSALS",
+            "True",
+            "MODEL.PROPOSAL_GENERATOR.NAME",
+            "PrecomputedProposals",
+        )
+    )
+    assert model.proposal_generator is None
+    model.train()
+    with EventStorage(0):
+        losses = model(_inputs(with_proposals=True))
+        assert set(losses) == {"loss_cls", "loss_box_reg", "loss_dkd"}
+        assert all(torch.isfinite(v) for v in losses.values())
+        with pytest.raises(ValueError, match="no 'proposals'.*PROPOSAL_FILES_TRAIN"):
+            model(_inputs(with_proposals=False))
+
+
+def test_training_inputs_without_instances_are_refused_clearly(dkd_opts):
+    model = build_model(make_cfg(DKD_R18, *dkd_opts))
+    model.train()
+    with EventStorage(0), pytest.raises(ValueError, match="ground truth \\('instances'\\)"):
+        model(_inputs(with_instances=False))
+    model.eval()  # inference needs none
+    with torch.no_grad():
+        assert len(model(_inputs(with_instances=False))) == 2

@@ -1,9 +1,8 @@
-"""tools/demo.py, tools/export_student.py and tools/convert_torchvision_to_d2.py, run as
-users run them (processes), on generated images and random-init weights."""
+"""tools/demo.py and tools/export_student.py run as users run them (processes), on
+generated images and random-init weights."""
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -13,15 +12,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from helpers import (
     DKD_R18,
     NUM_CLASSES,
-    R18,
     TINY,
     make_cfg,
-    randomise_bn,
     run_tool,
     save_random_model,
 )
@@ -230,100 +226,3 @@ def test_demo_on_a_video_with_the_exported_student(exported, tiny_data, tmp_path
     while capture.read()[0]:
         count += 1
     assert count == 5
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("depth", [18, 50])
-def test_converted_torchvision_resnet_reproduces_its_stages(depth, tmp_path):
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
-    from detectron2.layers import ShapeSpec
-    from detectron2.modeling.backbone.resnet import build_resnet_backbone
-
-    torch.manual_seed(depth)
-    tv = getattr(torchvision.models, f"resnet{depth}")().eval()
-    randomise_bn(tv)
-    torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    pkl = str(tmp_path / f"R-{depth}-torchvision.pkl")
-    run = run_tool(
-        "convert_torchvision_to_d2.py",
-        "--arch",
-        f"resnet{depth}",
-        pkl,
-        "--from-state-dict",
-        str(tmp_path / "tv.pth"),
-    )
-    assert run.returncode == 0, run.stdout[-3000:]
-    with open(pkl, "rb") as f:
-        data = pickle.load(f)
-    assert data["__author__"] == "torchvision" and data["matching_heuristics"] is True
-    assert not any(k.startswith("fc.") for k in data["model"])
-
-    cfg = get_cfg()
-    cfg.MODEL.RESNETS.DEPTH = depth
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
-    cfg.MODEL.RESNETS.NORM = "FrozenBN"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
-    DetectionCheckpointer(backbone).load(pkl)
-
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        ours = backbone(x)
-        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
-        for i in range(1, 5):
-            y = getattr(tv, f"layer{i}")(y)
-            torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
-
-    if (
-        depth == 18
-    ):  # the very file configs/COCO/faster_rcnn_r18_fpn.yaml expects, in its whole detector
-        from detectron2.modeling import build_model
-
-        model = build_model(make_cfg(R18))
-        DetectionCheckpointer(model).load(pkl)
-        for name, value in backbone.state_dict().items():
-            torch.testing.assert_close(
-                model.backbone.bottom_up.state_dict()[name], value, rtol=0, atol=0
-            )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "arch, weights", [("resnet18", "ResNet18_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights")]
-)
-def test_converter_offline_fails_clearly(tmp_path, arch, weights):
-    # An empty cache and an unreachable proxy: no download, online or not.
-    proxy = "http://127.0.0.1:9"
-    env = {
-        "TORCH_HOME": str(tmp_path / "torch"),
-        "https_proxy": proxy,
-        "HTTPS_PROXY": proxy,
-        "http_proxy": proxy,
-        "HTTP_PROXY": proxy,
-    }
-    run = run_tool(
-        "convert_torchvision_to_d2.py", "--arch", arch, str(tmp_path / "out.pkl"), env=env
-    )
-    assert run.returncode != 0
-    assert f"Could not download torchvision's {weights}.IMAGENET1K_V1" in run.stdout
-    assert "--from-state-dict FILE" in run.stdout
-    assert "Traceback" not in run.stdout
-    assert not (tmp_path / "out.pkl").exists()
-
-
-def test_missing_r18_weights_name_the_converter(tmp_path, dataset_opts):
-    from dkd_det.data import register_coco_format
-    from dkd_det.engine import Trainer
-
-    missing = str(tmp_path / "weights" / "R-18-torchvision.pkl")
-    cfg = make_cfg(R18, *dataset_opts, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", str(tmp_path))
-    register_coco_format(cfg)
-    trainer = Trainer(cfg)
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"convert_torchvision_to_d2\.py --arch resnet18 .*R-18-torchvision\.pkl",
-    ):
-        trainer.resume_or_load(resume=False)
