@@ -5,6 +5,8 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .checkpoint import add_checkpoint_config, merge_config_file
+
 DISTILL_TYPES = ("DKD", "KD", "NONE")
 
 __all__ = ["DISTILL_TYPES", "add_dkd_config", "get_dkd_cfg", "student_cfg", "uses_teacher"]
@@ -96,6 +98,7 @@ def add_dkd_config(cfg):
     _C.MODEL.MOBILENET.NORM = "FrozenBN"
     # The frozen stages are detectron2's MODEL.BACKBONE.FREEZE_AT, as for ResNet: stages
     # (no gradient, FrozenBN) from the input on, counted as stem, m2, m3, m4, m5.
+    add_checkpoint_config(_C)
 
 
 def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
@@ -107,7 +110,7 @@ def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
         raise FileNotFoundError(f"{key} {config_file!r}: no such file.")
     cfg = get_cfg()
     add_dkd_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file, key)
     cfg.merge_from_list(list(opts))
     return cfg
 
