@@ -290,13 +290,21 @@ def test_converter_output_and_exported_student_load(tmp_path):
         torch.testing.assert_close(reloaded.state_dict()[name], value, rtol=0, atol=0)
 
 
-def test_torchscript_archive_is_not_a_checkpoint(tmp_path):
-    from dkd_det.checkpoint import NotACheckpointError, resolve_weights
+def test_torchscript_archive_and_tar_are_not_checkpoints(tmp_path):
+    """torch.load would hand a TorchScript archive to torch.jit.load and extract a tar to disk."""
+    import tarfile
+
+    from dkd_det.checkpoint import NotACheckpointError, StrictCheckpointer, resolve_weights
 
     path = str(tmp_path / "model.ts")
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
     with pytest.raises(NotACheckpointError, match="model.ts' is not a checkpoint: .*TorchScript"):
         resolve_weights(path, "MODEL.WEIGHTS")
+    tar = str(tmp_path / "old.pth")
+    with tarfile.open(tar, "w") as f:
+        f.add(path, arcname="storages")
+    with pytest.raises(NotACheckpointError, match="old.pth' is not a checkpoint: .*torch < 0.4"):
+        StrictCheckpointer(torch.nn.Linear(2, 2)).load(resolve_weights(tar, "MODEL.WEIGHTS"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import re
+import tarfile
 import types
 import zipfile
 from typing import Any, FrozenSet, Optional, Tuple
@@ -177,8 +178,16 @@ def _refused(path: str, key: str, e: _RefusedGlobal, allowed: str) -> UnsafeFile
     )
 
 
+def _starts_as_zip(path: str) -> bool:
+    # As torch.load decides (torch.serialization._is_zipfile): the local-file magic at byte 0.
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def is_torchscript_archive(path: str) -> bool:
     """Whether ``path`` is a zip written by ``torch.jit.save`` (it has a ``constants.pkl``)."""
+    if not _starts_as_zip(path):
+        return False
     try:
         with zipfile.ZipFile(path) as z:
             return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
@@ -208,18 +217,25 @@ def load_pickle_file(path: str, key: str) -> Any:
 
 def load_torch_file(path: str, key: str) -> Any:
     """``torch.load(path, map_location="cpu")`` allowing only :data:`TORCH_GLOBALS`: tensors,
-    parameters, storages, dtypes, numpy arrays, containers and plain values. Both of torch's
-    formats are read (the zip of torch >= 1.6 and the legacy one), through the same unpickler.
+    parameters, storages, dtypes, numpy arrays, containers and plain values. torch's zip format
+    (torch >= 1.6) and its legacy pickle format are read, through the same unpickler; the tar
+    format of torch < 0.4 is not (torch would extract it to disk first).
 
     Raises:
         UnsafeFileError: the file names another global (nothing of it was called).
-        ValueError: the file is a TorchScript archive (``torch.jit.save``), not a checkpoint.
+        ValueError: the file is a TorchScript archive (``torch.jit.save``), not a checkpoint,
+            or a torch < 0.4 tar file.
     """
     if is_torchscript_archive(path):
         # torch.load would hand it to torch.jit.load: a program, not a checkpoint.
         raise ValueError(
             f"{path!r} is a TorchScript archive (torch.jit.save, e.g. an exported model.ts), not "
             "a checkpoint"
+        )
+    if not trusted() and not _starts_as_zip(path) and tarfile.is_tarfile(path):
+        raise ValueError(
+            f"{path!r} is a tar file (torch < 0.4's checkpoint format), which dkd-det does not "
+            f"read: re-save its state with a recent torch.save, or set {TRUST_ENV}=1"
         )
     if trusted():
         _warn_trusted(path, key, "unrestricted torch.load(weights_only=False)")
