@@ -354,6 +354,26 @@ def test_config_python_tags_are_refused_naming_file_and_line(tmp_path, marker, d
     assert not marker.exists()
 
 
+def test_detectron2s_packaged_configs_keep_their_tag_and_copies_do_not(tmp_path):
+    """detectron2's own Base-RetinaNet.yaml computes its anchor sizes with a python tag: inside
+    the installed detectron2 it is as trusted as detectron2's code; a copy elsewhere is not."""
+    from detectron2 import model_zoo
+
+    from dkd_det.checkpoint import UnsafeFileError
+    from dkd_det.config import get_dkd_cfg
+
+    retina = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    cfg = get_dkd_cfg(retina)
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES[0] == pytest.approx(
+        [32, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)]
+    )
+    copy = shutil.copy(model_zoo.get_config_file("Base-RetinaNet.yaml"), tmp_path)
+    child = _yaml(tmp_path / "retina.yaml", f'_BASE_: "{copy}"\n')
+    with pytest.raises(UnsafeFileError, match=f"{copy}, line 8 \\(in the _BASE_ chain of"):
+        get_dkd_cfg(child)
+
+
 def test_config_opt_in_runs_the_tag_and_says_so(tmp_path, marker, monkeypatch, caplog):
     from dkd_det.config import get_dkd_cfg
 

@@ -46,6 +46,7 @@ __all__ = [
     "trusted",
     "check_fetchable",
     "file_sha256",
+    "is_packaged_config",
     "name_hash_prefix",
     "is_torchscript_archive",
     "load_pickle_file",
@@ -298,16 +299,45 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _packaged_config_dir() -> str:
+    import detectron2.model_zoo
+
+    return os.path.realpath(os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs"))
+
+
+def is_packaged_config(filename: str) -> bool:
+    """Whether ``filename`` is one of detectron2's own model-zoo configs, inside the installed
+    detectron2 package (as trusted as detectron2's code: whoever can change it can change that)."""
+    if "://" in filename:
+        return False
+    root = _packaged_config_dir()
+    return os.path.commonpath([root, os.path.realpath(filename)]) == root
+
+
 class _CheckedCfgNode(CfgNode):
-    """detectron2's CfgNode whose config files (the ``_BASE_`` chain included) are opened only
-    from local paths and https:// URLs."""
+    """detectron2's CfgNode reading a ``_BASE_`` chain file by file (fvcore's recursion calls
+    ``cls.load_yaml_with_base`` for each base): opened only from local paths and https:// URLs,
+    parsed with ``yaml.safe_load``, except detectron2's own packaged model-zoo configs (one of
+    which, Base-RetinaNet.yaml, computes its anchor sizes with ``!!python/object/apply:eval``)."""
 
     key = "--config-file"
+    packaged_tags: list = []
 
     @classmethod
     def _open_cfg(cls, filename):
         check_fetchable(filename, f"{cls.key} (its _BASE_ chain)")
         return super()._open_cfg(filename)
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe: bool = False):
+        # Decided per file, whatever the including file was allowed.
+        if not is_packaged_config(filename):
+            return super().load_yaml_with_base(filename, allow_unsafe=False)
+        try:
+            return super().load_yaml_with_base(filename, allow_unsafe=False)
+        except yaml.constructor.ConstructorError:
+            cls.packaged_tags.append(filename)
+            return super().load_yaml_with_base(filename, allow_unsafe=True)
 
 
 def _tag_error(config_file: str, key: str, e: yaml.constructor.ConstructorError) -> str:
@@ -326,8 +356,11 @@ def _tag_error(config_file: str, key: str, e: yaml.constructor.ConstructorError)
 def merge_config_file(cfg: CfgNode, config_file: str, key: str = "--config-file") -> None:
     """``cfg.merge_from_file(config_file)`` with every file of the ``_BASE_`` chain parsed as data
     (``yaml.safe_load``; detectron2's default falls back to ``yaml.unsafe_load``) and fetched only
-    from local paths or https:// URLs. The chain is read once with these checks, then merged by
-    detectron2's own ``merge_from_file(allow_unsafe=False)`` (version upgrades included).
+    from local paths or https:// URLs. detectron2's own model-zoo configs, shipped inside the
+    installed detectron2, are the one exception (:func:`is_packaged_config`). The chain is read
+    once with these checks, then merged by detectron2's own ``merge_from_file`` (version
+    upgrades included), which then falls back to ``yaml.unsafe_load`` only where the check
+    found a packaged config that needs it.
 
     Args:
         key: the option or config key ``config_file`` came from (``--config-file``,
@@ -338,7 +371,7 @@ def merge_config_file(cfg: CfgNode, config_file: str, key: str = "--config-file"
             ``_BASE_`` URL.
         ValueError: a file that is not valid YAML (file and line named).
     """
-    checked = type("_CheckedCfgNode", (_CheckedCfgNode,), {"key": key})
+    checked = type("_CheckedCfgNode", (_CheckedCfgNode,), {"key": key, "packaged_tags": []})
     try:
         checked.load_yaml_with_base(config_file, allow_unsafe=False)
     except yaml.constructor.ConstructorError as e:
@@ -351,4 +384,6 @@ def merge_config_file(cfg: CfgNode, config_file: str, key: str = "--config-file"
         return
     except yaml.YAMLError as e:
         raise ValueError(f"{key} {config_file!r} is not valid YAML: {e}") from None
-    cfg.merge_from_file(config_file, allow_unsafe=False)
+    # Every file that fails yaml.safe_load is one of detectron2's packaged configs (checked
+    # above), so detectron2's fallback to yaml.unsafe_load can only reach those.
+    cfg.merge_from_file(config_file, allow_unsafe=bool(checked.packaged_tags))
