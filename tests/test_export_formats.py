@@ -71,18 +71,17 @@ def test_check_on_no_detection_fails_and_keeps_the_previous_export(tmp_path):
 
     cfg, model = _student(R18, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0")  # nothing passes
     inputs = sample_inputs(cfg, num_random=1, shrink=None)
-    out = export_deployable(
-        cfg, model, str(tmp_path), "torchscript", inputs, allow_no_detections=True
-    )
+    # The library records such a check (tools/benchmark.py times random students with it).
+    out = export_deployable(cfg, model, str(tmp_path), "torchscript", inputs)
     assert out["check"]["detections"] == 0
-    info = json.loads(open(out["info"]).read())
-    assert info["check"]["real_images"] == 0 and "no real image" in info["check"]["warning"]
+    warning = json.loads(open(out["info"]).read())["check"]["warning"]
+    assert "no real image" in warning and "detected nothing: nothing was compared" in warning
     before = {n: (tmp_path / n).read_bytes() for n in ("model.ts", "deploy.json")}
 
     with torch.no_grad():  # another model, so that a replaced model.ts would differ
         model.roi_heads.box_predictor.cls_score.bias += 1.0
     with pytest.raises(DeployCheckError) as e:
-        export_deployable(cfg, model, str(tmp_path), "torchscript", inputs)
+        export_deployable(cfg, model, str(tmp_path), "torchscript", inputs, require_detections=True)
     assert "the PyTorch student detected nothing in any of them" in str(e.value)
     assert "--allow-no-detections" in str(e.value)
     # The failed export replaced nothing: the previous one is whole.
@@ -218,6 +217,19 @@ def test_tool_records_preprocessing_and_says_when_no_real_image_was_checked(
     argv = _argv(weights, tmp_path / "b", "--ignore-training-config", *changed)
     assert export_tool.main(argv) == 0
     assert (tmp_path / "b" / "model_final.pth").is_file()
+
+
+def test_tool_fails_a_check_without_detections_unless_accepted(tmp_path, export_tool, capsys):
+    cfg = make_cfg(DKD_R18, "MODEL.DISTILL.TYPE", "NONE")
+    weights = save_random_model(cfg, str(tmp_path / "model_final.pth"))
+    none = ["--format", "torchscript", *TINY, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]
+    assert export_tool.main(_argv(weights, tmp_path / "a", *none)) == 1
+    err = capsys.readouterr().err
+    assert "error: The torchscript export was checked on 3 images" in err
+    assert "detected nothing" in err and "--allow-no-detections" in err
+    assert os.listdir(tmp_path / "a") == []
+    assert export_tool.main(_argv(weights, tmp_path / "b", "--allow-no-detections", *none)) == 0
+    assert "check: 3 images, 0 of 0 PyTorch detections" in capsys.readouterr().out
 
 
 @pytest.mark.slow

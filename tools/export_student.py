@@ -101,7 +101,7 @@ def export_deploy(args, cfg, model, training_config):
         check=not args.no_check,
         tol=Tolerances(box_px=args.box_tol, score=args.score_tol),
         real_images=len(files),
-        allow_no_detections=args.allow_no_detections,
+        require_detections=not args.allow_no_detections,
         training_config=training_config,
     )
 

@@ -651,7 +651,7 @@ def export_deployable(
     check: bool = True,
     tol: Tolerances = Tolerances(),
     real_images: int = 0,
-    allow_no_detections: bool = False,
+    require_detections: bool = False,
     training_config: Optional[str] = None,
 ) -> Dict:
     """Export the student to ``output_dir/model.ts`` or ``model.onnx`` plus
@@ -668,7 +668,10 @@ def export_deployable(
         method: TorchScript's "trace" or "script".
         real_images: how many of ``images`` come from real image files (the others are random
             noise); 0 is recorded in deploy.json as a check on no real image.
-        allow_no_detections: accept a check in which the PyTorch student detected nothing.
+        require_detections: fail when the PyTorch student detected nothing in ``images`` (a
+            check that checks nothing; tools/export_student.py sets it unless
+            ``--allow-no-detections``). Without it such a check is recorded in deploy.json with
+            a warning.
         training_config: the training config the preprocessing was compared with
             (:func:`check_training_config`), recorded in deploy.json.
 
@@ -677,8 +680,8 @@ def export_deployable(
         plus "real_images" (None without check)}.
 
     Raises:
-        DeployCheckError: the check failed, or saw no detection (without
-            ``allow_no_detections``); nothing is written.
+        DeployCheckError: the check failed, or saw no detection (with ``require_detections``);
+            nothing is written.
         ExportError: the exporter failed (one line: format and cause); nothing is written.
         MissingDeployExtra: ONNX without onnx/onnxruntime.
     """
@@ -707,7 +710,7 @@ def export_deployable(
                 deployed = DeployedModel(work, device=str(model.device), info=info)
                 totals = check_deployed(cfg, model, deployed, images, tol)
             totals["real_images"] = real_images
-            if totals["detections"] == 0 and not allow_no_detections:
+            if totals["detections"] == 0 and require_detections:
                 raise DeployCheckError(
                     f"The {fmt} export was checked on {totals['images']} images "
                     f"({', '.join(name for name, _ in images)}) and the PyTorch student detected "
@@ -721,11 +724,16 @@ def export_deployable(
                 "inputs": [name for name, _ in images],
                 "tolerances": asdict(tol),
             }
+            warnings = []
             if real_images == 0:
-                info["check"]["warning"] = (
+                warnings.append(
                     "checked on no real image (random noise only): it says little about the "
                     "detections on real images"
                 )
+            if totals["detections"] == 0:
+                warnings.append("the PyTorch student detected nothing: nothing was compared")
+            if warnings:
+                info["check"]["warning"] = "; ".join(warnings)
         with open(written["info"], "w") as f:
             json.dump(info, f, indent=2)
         result = {key: os.path.join(output_dir, os.path.basename(p)) for key, p in written.items()}
