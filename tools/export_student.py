@@ -134,7 +134,7 @@ def export(args):
     if cfg.MODEL.TEACHER.WEIGHTS:
         try:
             paths["teacher_weights"] = resolve_weights(
-                cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS"
+                cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS", cfg.MODEL.TEACHER.SHA256
             )
         except (OSError, ValueError) as e:
             logger.warning("Teacher's weights not available, their size is not reported: %s", e)
