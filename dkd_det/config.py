@@ -5,6 +5,7 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .checkpoint import add_checkpoint_config, merge_config_file
 from .distill import add_distill_config, explain_unknown_key, load_plugins
 
 __all__ = ["add_dkd_config", "get_dkd_cfg", "student_cfg", "uses_teacher"]
@@ -74,6 +75,7 @@ def add_dkd_config(cfg):
     _C.MODEL.MOBILENET.NORM = "FrozenBN"
     # The frozen stages are detectron2's MODEL.BACKBONE.FREEZE_AT, as for ResNet: stages
     # (no gradient, FrozenBN) from the input on, counted as stem, m2, m3, m4, m5.
+    add_checkpoint_config(_C)
 
 
 def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
@@ -87,14 +89,16 @@ def get_dkd_cfg(config_file: str, opts=(), key: str = "--config-file") -> CN:
     load_plugins()
     cfg = get_cfg()
     add_dkd_config(cfg)
-    for source, merge, arg in (
-        (f"{key} {config_file!r}", cfg.merge_from_file, config_file),
-        (f"the overrides of {key} {config_file!r}", cfg.merge_from_list, list(opts)),
-    ):
-        try:
-            merge(arg)
-        except KeyError as e:
-            raise KeyError(f"{source}: {explain_unknown_key(e)}") from None
+    try:
+        merge_config_file(cfg, config_file, key)
+    except KeyError as e:
+        raise KeyError(f"{key} {config_file!r}: {explain_unknown_key(e)}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except KeyError as e:
+        raise KeyError(
+            f"The overrides of {key} {config_file!r}: {explain_unknown_key(e)}"
+        ) from None
     return cfg
 
 

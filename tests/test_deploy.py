@@ -93,8 +93,9 @@ def test_torchscript_export_reproduces_the_student(student, inputs, tmp_path, me
     )
     assert sorted(os.listdir(tmp_path)) == ["deploy.json", "model.ts"]
     check = out["check"]
-    # Two images, the second of another aspect ratio than the tracing input.
-    assert check["images"] == 2 and inputs[0][1].shape[1:] != inputs[1][1].shape[1:]
+    # Two images, the second of another aspect ratio than the tracing input, and the first
+    # enlarged then shrunk 0.3x by the resize.
+    assert check["images"] == 3 and inputs[0][1].shape[1:] != inputs[1][1].shape[1:]
     assert check["detections"] > 0 and check["matched"] + check["borderline"] >= 1
     info = json.loads((tmp_path / "deploy.json").read_text())
     assert info["format"] == "torchscript" and info["method"] == method
@@ -137,7 +138,7 @@ def test_onnx_export_reproduces_the_student_through_onnxruntime(student, inputs,
     cfg, model = student
     out = export_deployable(cfg, model, str(tmp_path), "onnx", inputs)
     assert sorted(os.listdir(tmp_path)) == ["deploy.json", "model.onnx"]
-    assert out["check"]["images"] == 2 and out["check"]["detections"] > 0
+    assert out["check"]["images"] == 3 and out["check"]["detections"] > 0
     info = json.loads((tmp_path / "deploy.json").read_text())
     assert info["opset"] == 16
     assert info["outputs"] == ["pred_boxes", "pred_classes", "scores", "image_size"]
@@ -192,7 +193,8 @@ def test_tool_exports_torchscript_that_runs_without_dkd_det_or_detectron2(
     out = tmp_path / "ts"
     run = _export("torchscript", student_weights, out, *dataset_opts)
     assert run.returncode == 0, run.stdout[-3000:]
-    assert "model.ts" in run.stdout and "check: 4 images" in run.stdout  # 3 val + 1 random
+    # 3 val + 1 random + the first shrunk 0.3x
+    assert "model.ts" in run.stdout and "check: 5 images" in run.stdout
     info = json.loads((out / "deploy.json").read_text())
     assert len(info["thing_classes"]) == NUM_CLASSES
 
@@ -244,7 +246,7 @@ def test_tool_exports_onnx_and_checks_it_with_onnxruntime(student_weights, tmp_p
     pytest.importorskip("onnx")
     run = _export("onnx", student_weights, tmp_path, "--num-check-images", "2")
     assert run.returncode == 0, run.stdout[-3000:]
-    assert "model.onnx" in run.stdout and "check: 2 images" in run.stdout  # random only
+    assert "model.onnx" in run.stdout and "check: 3 images" in run.stdout  # random only
     assert "random images only" in run.stdout
     assert sorted(os.listdir(tmp_path)) == ["deploy.json", "model.onnx"]
 

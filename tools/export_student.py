@@ -15,7 +15,13 @@ are known, OUTPUT/metadata.json (which tools/demo.py reads). Vanilla detectron2 
 (opset 16, needs the deploy extra) writes OUTPUT/model.ts or OUTPUT/model.onnx and
 OUTPUT/deploy.json (input format, pixel mean/std, size limits, output names, class names),
 then checks that the file gives the PyTorch student's detections on --check-images (default:
-images of DATASETS.TEST[0] when readable) and random images; it fails if they differ.
+images of DATASETS.TEST[0] when readable), random images and one image the resize shrinks 0.3x;
+it fails if they differ, or if the student detected nothing (--allow-no-detections accepts it).
+
+Every format first compares the preprocessing (INPUT.FORMAT, MODEL.PIXEL_MEAN/STD,
+INPUT.MIN/MAX_SIZE_TEST) with the training config saved beside the checkpoint (config.yaml)
+and refuses a difference (--ignore-training-config exports anyway). Weights are loaded as data
+(see the README, "Loading files safely").
 """
 
 import argparse
@@ -32,8 +38,10 @@ from dkd_det.engine import load_student
 from dkd_det.export import (
     DEPLOY_FORMATS,
     ONNX_OPSET,
+    ExportError,
     MissingDeployExtra,
     Tolerances,
+    check_training_config,
     export_deployable,
     export_student,
     require_onnx,
@@ -76,7 +84,7 @@ def _check_files(cfg, args):
     return files
 
 
-def export_deploy(args, cfg, model):
+def export_deploy(args, cfg, model, training_config):
     """--format torchscript/onnx: the deployable file, deploy.json and the check."""
     files = _check_files(cfg, args)
     images = sample_inputs(cfg, files, num_random=0 if files else 1)
@@ -92,6 +100,9 @@ def export_deploy(args, cfg, model):
         opset=args.opset,
         check=not args.no_check,
         tol=Tolerances(box_px=args.box_tol, score=args.score_tol),
+        real_images=len(files),
+        require_detections=not args.allow_no_detections,
+        training_config=training_config,
     )
 
 
@@ -110,8 +121,11 @@ def export(args):
             "No weights: pass --weights (e.g. output/dkd_r101_r18/model_final.pth) "
             "or set MODEL.WEIGHTS."
         )
+    training_config = None
+    if not args.ignore_training_config:
+        training_config = check_training_config(cfg, cfg.MODEL.WEIGHTS)
     if args.format != "detectron2":
-        return export_deploy(args, cfg, load_student(cfg))
+        return export_deploy(args, cfg, load_student(cfg), training_config)
     paths = export_student(cfg, load_student(cfg), args.output)
     classes = dataset_metadata(cfg).get("thing_classes", None)
     if classes is not None:
@@ -120,7 +134,7 @@ def export(args):
     if cfg.MODEL.TEACHER.WEIGHTS:
         try:
             paths["teacher_weights"] = resolve_weights(
-                cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS"
+                cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS", cfg.MODEL.TEACHER.SHA256
             )
         except (OSError, ValueError) as e:
             logger.warning("Teacher's weights not available, their size is not reported: %s", e)
@@ -175,6 +189,17 @@ def main(argv=None):
         "--no-check", action="store_true", help="skip the comparison with the PyTorch student"
     )
     parser.add_argument(
+        "--allow-no-detections",
+        action="store_true",
+        help="accept a check in which the PyTorch student detected nothing (it checks nothing)",
+    )
+    parser.add_argument(
+        "--ignore-training-config",
+        action="store_true",
+        help="export even if the preprocessing differs from the training config saved beside "
+        "the checkpoint",
+    )
+    parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs"
     )
     args = parser.parse_args(argv)
@@ -183,7 +208,7 @@ def main(argv=None):
     setup_logger(name="dkd_det")
     try:
         paths = export(args)
-    except (OSError, ValueError, KeyError, MissingDeployExtra) as e:
+    except (OSError, ValueError, KeyError, MissingDeployExtra, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.format != "detectron2":
@@ -199,6 +224,14 @@ def main(argv=None):
                 f"max box difference {check['max_box_px']:.2g} px, max score difference "
                 f"{check['max_score']:.2g} (tolerances {args.box_tol} px, {args.score_tol})"
             )
+            if not check["real_images"]:
+                print(
+                    "warning: the check ran on no real image (random noise only; no "
+                    "--check-images and no readable DATASETS.TEST[0]): pass --check-images "
+                    "for a check that says something about real detections"
+                )
+        else:
+            print("warning: not checked (--no-check)")
         return 0
     print(f"Wrote {paths['config']} and {paths['weights']}")
     # The model's own size for both: the teacher's file is usually a training checkpoint whose

@@ -16,10 +16,20 @@ import pickle
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torchvision
+
+from .safe_load import (
+    NAME_HASH_RULE,
+    HashMismatchError,
+    check_fetchable,
+    file_sha256,
+    load_torch_file,
+    name_hash_prefix,
+)
 
 __all__ = [
     "Converter",
@@ -153,41 +163,99 @@ def _get_converter(arch: str) -> Converter:
     return CONVERTERS[arch]
 
 
+def _check_torchvision_hash(path: str, url: str, downloaded: bool) -> None:
+    prefix = name_hash_prefix(url)
+    if prefix is None:
+        return
+    actual = file_sha256(path)
+    if actual.startswith(prefix):
+        return
+    if downloaded:
+        os.remove(path)
+    fate = "it has been deleted" if downloaded else "it is left as it is"
+    raise HashMismatchError(
+        f"{path!r} (torchvision's {url}): SHA-256 {actual} does not start with {prefix} "
+        f"({NAME_HASH_RULE}); {fate}. Fetch the file again from {url}."
+    )
+
+
+def _download_torchvision(conv: Converter) -> str:
+    """torchvision's weights file of ``conv`` in ``$TORCH_HOME/checkpoints`` (where torchvision's
+    weights API caches it), downloaded if absent; its SHA-256 is checked against the prefix in its
+    name (torch.hub's ``check_hash``), for a cached copy too."""
+    url = torchvision.models.get_weight(conv.weights).url
+    check_fetchable(url, f"torchvision's {conv.weights}")
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if os.path.isfile(cached):
+        _check_torchvision_hash(cached, url, downloaded=False)
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    try:
+        # Written to a temporary file, moved into place only when its hash matches.
+        torch.hub.download_url_to_file(url, cached, hash_prefix=name_hash_prefix(url))
+    except RuntimeError as e:
+        if "invalid hash value" in str(e):
+            raise HashMismatchError(
+                f"torchvision's {conv.weights} from {url}: {e} ({NAME_HASH_RULE}); nothing was "
+                "kept. Try again, or download it on another machine and pass --from-state-dict."
+            ) from None
+        raise OSError(str(e)) from e
+    return cached
+
+
 def load_torchvision_state_dict(arch: str, path: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The ImageNet weights of ``arch`` as a torchvision state dict, checked against the
-    architecture.
+    """The ImageNet weights of ``arch`` as a torchvision state dict, loaded as data
+    (:func:`dkd_det.checkpoint.safe_load.load_torch_file`) and checked against the architecture.
 
     Args:
         arch: a key of :data:`CONVERTERS`, e.g. ``"resnet18"``.
         path: a local torchvision checkpoint (a state dict, or a dict holding one under
-            ``"state_dict"`` or ``"model"``). None: torchvision's weights API, which downloads
-            into ``$TORCH_HOME`` (or uses the copy cached there).
+            ``"state_dict"`` or ``"model"``). None: torchvision's file, downloaded over https
+            into ``$TORCH_HOME/checkpoints`` (or the copy cached there), its SHA-256 checked
+            against the prefix in its name.
 
     Raises:
         OSError: the weights cannot be downloaded (offline); the message says what to do.
+        HashMismatchError: the downloaded or cached file is not torchvision's, or a
+            ``--from-state-dict`` file with torchvision's name for ``arch`` has another hash.
+        UnsafeFileError: the file would run code when unpickled.
         ValueError: the file is not a state dict of ``arch``.
     """
     conv = _get_converter(arch)
     if path is None:
-        weights = torchvision.models.get_weight(conv.weights)
+        url = torchvision.models.get_weight(conv.weights).url
         try:
-            state = weights.get_state_dict(progress=True)
+            source = _download_torchvision(conv)
+        except (HashMismatchError, ValueError):
+            raise
         except Exception as e:  # URLError, timeouts, proxies, HTTP errors
             raise OSError(
-                f"Could not download torchvision's {conv.weights} from {weights.url} "
+                f"Could not download torchvision's {conv.weights} from {url} "
                 f"({type(e).__name__}: {e}). Without internet, download that file on a machine "
                 f"with internet and pass it with --from-state-dict FILE (or place it in "
                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})."
             ) from e
+        key = f"torchvision's {conv.weights} ({source})"
     else:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--from-state-dict {path!r}: no such file.")
-        state = torch.load(path, map_location="cpu")
-        for key in ("state_dict", "model"):
-            if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-                state = state[key]
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict.")
+        url = torchvision.models.get_weight(conv.weights).url
+        if os.path.basename(path) == os.path.basename(urlparse(url).path):
+            _check_torchvision_hash(path, url, downloaded=False)  # torchvision's own file name
+        source, key = path, "--from-state-dict"
+    try:
+        state = load_torch_file(source, key)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip), ...
+        raise ValueError(
+            f"{key} {source!r} is not a torch.save file ({type(e).__name__}: {e})."
+        ) from e
+    for k in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(k), Mapping):
+            state = state[k]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{key} {source!r} holds a {type(state).__name__}, not a state dict.")
     model = getattr(torchvision.models, conv.builder)()
     try:
         model.load_state_dict(state, strict=True)

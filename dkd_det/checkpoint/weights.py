@@ -1,23 +1,62 @@
-"""Weight files: resolving paths and URLs, strict loading, atomic saving, sizes."""
+"""Weight files: resolving paths and URLs (https only, SHA-256 checked), loading as data,
+strict loading, atomic saving, sizes."""
 
+import logging
 import os
+import re
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode as CN
 from detectron2.utils.file_io import PathManager
 
 from .convert import missing_weights_hint
+from .safe_load import (
+    NAME_HASH_RULE,
+    HashMismatchError,
+    UnsafeFileError,
+    check_fetchable,
+    file_sha256,
+    is_torchscript_archive,
+    load_pickle_file,
+    load_torch_file,
+    load_weights_file,
+    name_hash_prefix,
+)
 
 __all__ = [
     "NotACheckpointError",
+    "SHA256_KEYS",
+    "add_checkpoint_config",
     "describe_weights_file",
     "resolve_weights",
     "StrictCheckpointer",
     "AtomicCheckpointer",
     "checkpoint_size",
 ]
+
+logger = logging.getLogger(__name__)
+
+# The config key that pins the SHA-256 of each weights key.
+SHA256_KEYS = {
+    "MODEL.WEIGHTS": "MODEL.WEIGHTS_SHA256",
+    "MODEL.TEACHER.WEIGHTS": "MODEL.TEACHER.SHA256",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def add_checkpoint_config(cfg: CN) -> None:
+    """Add the weight files' SHA-256 pins to a dkd-det config (in place):
+    ``MODEL.WEIGHTS_SHA256`` and, when the config has a teacher, ``MODEL.TEACHER.SHA256``."""
+    # The SHA-256 (64 hex digits, as `sha256sum FILE` prints) that MODEL.WEIGHTS must have;
+    # "" checks nothing. Not applied to --resume's own checkpoints.
+    cfg.MODEL.WEIGHTS_SHA256 = ""
+    if "TEACHER" in cfg.MODEL:
+        # The SHA-256 that MODEL.TEACHER.WEIGHTS must have; "" checks nothing.
+        cfg.MODEL.TEACHER.SHA256 = ""
+
 
 # torch.save has written zip archives since torch 1.6; a complete one ends with an
 # end-of-central-directory record (within the last 64 KiB + 22 bytes), which a file cut short
@@ -47,6 +86,8 @@ def describe_weights_file(path: str, error: Optional[BaseException] = None) -> s
     if head.startswith(_ZIP_MAGIC):
         if _ZIP_END not in tail:
             return f"a truncated torch.save (zip) file of {size} bytes: its end is missing"
+        if is_torchscript_archive(path):
+            return f"a TorchScript archive of {size} bytes (torch.jit.save, e.g. a model.ts)"
         return f"a torch.save (zip) file of {size} bytes"
     if head[0] == _PICKLE_PROTO:
         if isinstance(error, EOFError) or "truncated" in str(error):
@@ -67,7 +108,7 @@ def _not_a_checkpoint(path: str) -> Optional[str]:
     # Only what is certain before loading: a pickle of protocol 0 is text, so a text file is
     # left to the load (whose error is then explained by describe_weights_file).
     description = describe_weights_file(path)
-    if description.startswith(("an empty file", "an HTML", "a truncated")):
+    if description.startswith(("an empty file", "an HTML", "a truncated", "a TorchScript")):
         return description
     return None
 
@@ -77,7 +118,7 @@ def _load_naming_the_file(load: Callable[[str], dict], path: str, key: str) -> d
     that names ``key``, ``path`` and what the file looks like."""
     try:
         return load(path)
-    except (OSError, MemoryError):  # permissions, disk: their own message names the problem
+    except (OSError, MemoryError, UnsafeFileError):  # their own message names the problem
         raise
     except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip), TypeError, ...
         raise NotACheckpointError(
@@ -87,24 +128,75 @@ def _load_naming_the_file(load: Callable[[str], dict], path: str, key: str) -> d
         ) from e
 
 
-def resolve_weights(path: str, key: str) -> str:
-    """Return a local file for a weights path or URL, or raise an error that says what to do.
+def _pin(sha256: str, sha256_key: str) -> str:
+    pin = (sha256 or "").strip().lower()
+    if pin and not _SHA256.fullmatch(pin):
+        raise ValueError(
+            f"{sha256_key} = {sha256!r} is not a SHA-256: set it to the 64 hexadecimal digits "
+            'that `sha256sum FILE` prints for the weights file, or to "" to check nothing.'
+        )
+    return pin
+
+
+def _check_hash(
+    local: str, path: str, key: str, pin: str, sha256_key: str, downloaded: bool
+) -> None:
+    """Compare ``local``'s SHA-256 with the pin, else (for a download) with the prefix its name
+    carries; a mismatch deletes a downloaded file, never a user's own."""
+    prefix = name_hash_prefix(path) if downloaded else None
+    if not pin and prefix is None:
+        return
+    actual = file_sha256(local)
+    if pin:
+        if actual == pin:
+            return
+        expected = f"{pin} ({sha256_key})"
+    else:
+        if actual.startswith(prefix):
+            return
+        expected = f"one starting {prefix} ({NAME_HASH_RULE})"
+    what = describe_weights_file(local)
+    if downloaded:
+        os.remove(local)
+        fate = f"It was downloaded to {local!r} and has been deleted"
+    else:
+        fate = "The file is left as it is"
+    raise HashMismatchError(
+        f"{key} = {path!r}: SHA-256 {actual} does not match the expected {expected}. {fate}; it "
+        f"is {what}. Fetch the file again from a source you trust; if this file is the one you "
+        f"want, set {sha256_key} to its SHA-256."
+    )
+
+
+def resolve_weights(path: str, key: str, sha256: str = "", sha256_key: str = "") -> str:
+    """Return a local file for a weights path or URL, checked, or raise an error that says what
+    to do.
 
     Args:
-        path: a file path, or a URL that detectron2's PathManager understands
-            (``detectron2://``, ``https://``, ``file://``).
+        path: a file path, or an ``https://`` or ``detectron2://`` URL (fetched by detectron2's
+            PathManager into its cache); any other scheme is refused before any connection.
         key: the config key that holds ``path``, named in the error.
+        sha256: the file's expected SHA-256 (64 hex digits; "" checks nothing). A downloaded
+            file whose name carries a hash prefix (torchvision's ``resnet18-f37072fd.pth``) is
+            checked against it when no SHA-256 is given.
+        sha256_key: the config key that holds ``sha256`` (default: :data:`SHA256_KEYS`).
 
     Raises:
+        UnsafeFileError: a URL of another scheme (``http://``, ``ftp://``, ``file://``, ...).
+        HashMismatchError: the SHA-256 differs; a downloaded file is deleted, a local one kept.
         OSError: a URL cannot be fetched (offline).
         FileNotFoundError: no such file; for the converted torchvision backbones the configs
             expect (``R-18-torchvision.pkl``, ...), the message gives the command that makes it.
         NotACheckpointError: the file is certainly not a checkpoint (empty, an HTML page, a
-            truncated zip); other bad files are named when they are loaded.
+            truncated zip, a TorchScript archive); other bad files are named when loaded.
     """
+    sha256_key = sha256_key or SHA256_KEYS.get(key, f"the SHA-256 of {key}")
+    pin = _pin(sha256, sha256_key)
     if os.path.isfile(path):
+        _check_hash(path, path, key, pin, sha256_key, downloaded=False)
         return _checked(path, key)
     if "://" in path:
+        check_fetchable(path, key)
         try:
             local = PathManager.get_local_path(path)
         except Exception as e:  # any download failure: offline, proxy, 404
@@ -115,6 +207,9 @@ def resolve_weights(path: str, key: str) -> str:
                 f"{key} to its local path."
             ) from e
         if os.path.isfile(local):
+            # PathManager's cache is never a user's own file: a bad one is deleted, so that the
+            # next run fetches it again instead of finding it cached.
+            _check_hash(local, path, key, pin, sha256_key, downloaded=local != path)
             return _checked(local, key)
     raise FileNotFoundError(
         f"{key} = {path!r}: no such file. Set {key} to an existing checkpoint file."
@@ -133,13 +228,65 @@ def _checked(path: str, key: str) -> str:
     return path
 
 
-class StrictCheckpointer(DetectionCheckpointer):
-    """A :class:`DetectionCheckpointer` that refuses any missing, unexpected or mis-shaped key.
+def _detectron2_pkl(data) -> dict:
+    # The two .pkl layouts detectron2 reads (DetectionCheckpointer._load_file, which unpickles
+    # inline with pickle.load and so cannot be reused): its model zoo's {"model", "__author__"},
+    # else Caffe2 / Detectron1 blobs, renamed by detectron2's matching heuristics when loaded.
+    if not isinstance(data, dict):
+        raise TypeError(f"the pickle holds a {type(data).__name__}, not a dict")
+    if "model" in data and "__author__" in data:
+        logger.info("Reading a file from '%s'", data["__author__"])
+        return data
+    blobs = data.get("blobs", data)
+    blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+    return {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def _pycls(data) -> dict:
+    # detectron2's reading of pycls's .pyth (ImageNet RegNets), as for the .pkl above.
+    if not isinstance(data, dict) or "model_state" not in data:
+        raise TypeError("a pycls .pyth checkpoint must contain 'model_state'")
+    state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+    return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+
+
+class _DataCheckpointer(DetectionCheckpointer):
+    """A :class:`DetectionCheckpointer` that loads every file as data (:mod:`.safe_load`: only
+    tensors, numpy arrays, containers and plain values; ``DKD_DET_TRUST_FILES=1`` opts out) and
+    fetches only ``https://`` and ``detectron2://`` URLs. A file that is not a checkpoint is a
+    :class:`NotACheckpointError` naming the config key (:meth:`_key_for`)."""
+
+    def _key_for(self, filename: str) -> str:
+        return "MODEL.WEIGHTS"
+
+    def load(self, path: str, *args, **kwargs):
+        if path:
+            check_fetchable(path, self._key_for(path))
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        key = self._key_for(filename)
+        if filename.endswith(".pkl"):
+            load = lambda f: _detectron2_pkl(load_pickle_file(f, key))  # noqa: E731
+        elif filename.endswith(".pyth"):
+            load = lambda f: _pycls(load_torch_file(f, key))  # noqa: E731
+        else:  # detectron2's own reading, whose torch.load is _torch_load below
+            self._loading_key = key
+            load = super()._load_file
+        return _load_naming_the_file(load, filename, key)
+
+    def _torch_load(self, f):
+        return load_torch_file(f, getattr(self, "_loading_key", "MODEL.WEIGHTS"))
+
+
+class StrictCheckpointer(_DataCheckpointer):
+    """A checkpointer that refuses any missing, unexpected or mis-shaped key, and loads files as
+    data (see :class:`_DataCheckpointer`).
 
     Used wherever a whole trained model is loaded (the teacher, a trained student for
     evaluation, inference and export): a partly random model would silently teach noise or
     report a wrong AP. Training from ImageNet weights, where only the backbone is expected
-    to match, keeps detectron2's lenient :class:`DetectionCheckpointer`.
+    to match, uses the lenient :class:`AtomicCheckpointer`.
     """
 
     def __init__(
@@ -155,7 +302,7 @@ class StrictCheckpointer(DetectionCheckpointer):
             key: the config key the weights come from, named in the error.
             hint: what to check, appended to the error.
             drop_prefixes: keys of the file to ignore, e.g. the training-only modules
-                (``feature_distiller.``) that a training checkpoint holds and the student
+                (``distill_terms.``) that a training checkpoint holds and the student
                 alone does not have.
         """
         super().__init__(model, **kwargs)
@@ -164,12 +311,12 @@ class StrictCheckpointer(DetectionCheckpointer):
         self._drop = tuple(drop_prefixes)
         self._path = ""
 
+    def _key_for(self, filename: str) -> str:
+        return self._key
+
     def load(self, path: str, *args, **kwargs):
         self._path = path
         return super().load(path, *args, **kwargs)
-
-    def _load_file(self, filename):
-        return _load_naming_the_file(super()._load_file, filename, self._key)
 
     def _load_model(self, checkpoint):
         if self._drop:
@@ -197,8 +344,9 @@ class StrictCheckpointer(DetectionCheckpointer):
             )
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
-    """A :class:`DetectionCheckpointer` whose ``last_checkpoint`` is replaced atomically.
+class AtomicCheckpointer(_DataCheckpointer):
+    """A :class:`DetectionCheckpointer` whose ``last_checkpoint`` is replaced atomically, and
+    which loads files as data (see :class:`_DataCheckpointer`).
 
     fvcore writes ``model_XXXXXXX.pth`` first and tags it in ``last_checkpoint`` after; a
     process killed during the model write leaves ``last_checkpoint`` on the previous, complete
@@ -209,13 +357,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
     a :class:`NotACheckpointError` that names it.
     """
 
-    def _load_file(self, filename):
-        key = "MODEL.WEIGHTS"
+    def _key_for(self, filename: str) -> str:
         if self.has_checkpoint() and os.path.abspath(filename) == os.path.abspath(
             self.get_checkpoint_file()
         ):
-            key = f"the checkpoint named in {os.path.join(self.save_dir, 'last_checkpoint')}"
-        return _load_naming_the_file(super()._load_file, filename, key)
+            last = os.path.join(self.save_dir, "last_checkpoint")
+            return f"--resume (the checkpoint named in {last})"
+        return "MODEL.WEIGHTS"
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         save_file = os.path.join(self.save_dir, "last_checkpoint")
@@ -236,10 +384,7 @@ def checkpoint_size(path: str, key: str = "weights") -> Dict[str, float]:
     run) also holds the optimizer's state and is about twice as large as its model.
     ``key`` names the file in a :class:`NotACheckpointError`.
     """
-    if path.endswith(".pkl"):  # detectron2's model-zoo / converted-backbone format
-        data = _load_naming_the_file(DetectionCheckpointer(torch.nn.Module())._load_file, path, key)
-    else:
-        data = _load_naming_the_file(lambda f: torch.load(f, map_location="cpu"), path, key)
+    data = _load_naming_the_file(lambda f: load_weights_file(f, key), path, key)
     state = data.get("model", data) if isinstance(data, dict) else {}
     params = nbytes = 0
     for k, v in state.items():

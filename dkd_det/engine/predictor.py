@@ -16,7 +16,7 @@ __all__ = ["load_student", "Predictor"]
 _HINT = "Use the config the checkpoint was trained with (and the same class count)."
 
 
-def _load_strictly(model: torch.nn.Module, weights: str) -> None:
+def _load_strictly(model: torch.nn.Module, weights: str, sha256: str = "") -> None:
     if not weights:
         raise ValueError(
             "MODEL.WEIGHTS is empty: set it to the trained model, e.g. "
@@ -27,25 +27,31 @@ def _load_strictly(model: torch.nn.Module, weights: str) -> None:
     checkpointer = StrictCheckpointer(
         model, key="MODEL.WEIGHTS", hint=_HINT, drop_prefixes=TRAINING_ONLY_PREFIXES
     )
-    checkpointer.load(resolve_weights(weights, "MODEL.WEIGHTS"))
+    checkpointer.load(resolve_weights(weights, "MODEL.WEIGHTS", sha256))
 
 
 def load_student(cfg: CfgNode, weights: Optional[str] = None) -> torch.nn.Module:
     """The trained student of a dkd-det (or plain detectron2) config, in eval mode on
     ``cfg.MODEL.DEVICE``. The teacher and training-only modules are never built; every key
     of the student must be in the checkpoint and every key of the checkpoint in the student,
-    except training-only modules' (e.g. ReviewKD's ABF), which are dropped.
+    except training-only modules' (e.g. ReviewKD's ABF), which are dropped. The file is
+    loaded as data (see :mod:`dkd_det.checkpoint.safe_load`) and, when it is
+    ``cfg.MODEL.WEIGHTS``, checked against ``MODEL.WEIGHTS_SHA256``.
 
     Args:
         weights: the checkpoint (path or URL); None for ``cfg.MODEL.WEIGHTS``.
 
     Raises:
-        ValueError: no weights given, or a checkpoint that does not fit the student.
+        ValueError: no weights given, a checkpoint that does not fit the student, one that would
+            run code (UnsafeFileError) or whose SHA-256 is not the pinned one.
         FileNotFoundError, OSError: a missing file or an unreachable URL.
     """
     cfg = student_cfg(cfg)
     model = build_model(cfg)
-    _load_strictly(model, cfg.MODEL.WEIGHTS if weights is None else weights)
+    # The pin is MODEL.WEIGHTS's: not that of another file (e.g. --eval-only --resume's).
+    own = weights is None or weights == cfg.MODEL.WEIGHTS
+    sha256 = cfg.MODEL.get("WEIGHTS_SHA256", "") if own else ""
+    _load_strictly(model, cfg.MODEL.WEIGHTS if weights is None else weights, sha256)
     return model.eval()
 
 
@@ -61,4 +67,4 @@ class Predictor(DefaultPredictor):
         unloaded.MODEL.WEIGHTS = ""  # DefaultPredictor's own loading is lenient: load below
         super().__init__(unloaded)
         self.cfg = cfg
-        _load_strictly(self.model, cfg.MODEL.WEIGHTS)
+        _load_strictly(self.model, cfg.MODEL.WEIGHTS, cfg.MODEL.get("WEIGHTS_SHA256", ""))

@@ -19,6 +19,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer, resolve_weights
+from ..config import uses_teacher
 from ..data import CheckedDatasetMapper, check_images, check_num_classes
 from .hooks import TeacherCheck
 
@@ -56,6 +57,15 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's, after checking the teacher's weights against ``MODEL.TEACHER.SHA256``
+        when it is set (the teacher is loaded while the model is built)."""
+        teacher = cfg.MODEL.get("TEACHER", None)
+        if uses_teacher(cfg) and teacher is not None and teacher.WEIGHTS and teacher.get("SHA256"):
+            resolve_weights(teacher.WEIGHTS, "MODEL.TEACHER.WEIGHTS", teacher.SHA256)
+        return super().build_model(cfg)
 
     def build_hooks(self):
         hooks = super().build_hooks()
@@ -120,7 +130,9 @@ class Trainer(DefaultTrainer):
             check_images(DatasetCatalog.get(name), [name], training=False)
 
     def resume_or_load(self, resume=True):
-        # A missing MODEL.WEIGHTS would otherwise surface as a bare assertion.
+        # A missing MODEL.WEIGHTS would otherwise surface as a bare assertion; an insecure URL or
+        # a file whose SHA-256 is not MODEL.WEIGHTS_SHA256 is refused before anything is loaded.
         if self.cfg.MODEL.WEIGHTS and not (resume and self.checkpointer.has_checkpoint()):
-            resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+            sha256 = self.cfg.MODEL.get("WEIGHTS_SHA256", "")
+            resolve_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", sha256)
         return super().resume_or_load(resume=resume)

@@ -5,15 +5,20 @@ PyTorch student's detections.
 Every exported model follows detectron2's own deployment recipe (its
 ``tools/deploy/export_model.py``): it takes one float32 ``(3, H, W)`` image in
 ``cfg.INPUT.FORMAT`` channel order, values 0-255, *already resized* the way
-``DefaultPredictor`` resizes (shortest side ``INPUT.MIN_SIZE_TEST``, longest at most
-``INPUT.MAX_SIZE_TEST``); normalisation and padding happen inside. It returns the boxes
-(XYXY, in the resized image's pixels), scores and classes, without detectron2's final
-rescaling to the original size (``model.inference(..., do_postprocess=False)``).
+``DefaultPredictor`` resizes (detectron2's ``ResizeShortestEdge``: shortest side
+``INPUT.MIN_SIZE_TEST``, longest at most ``INPUT.MAX_SIZE_TEST``, PIL's bilinear resize of the
+uint8 image, which antialiases when shrinking); normalisation and padding happen inside. It
+returns the boxes (XYXY, in the resized image's pixels), scores and classes, without
+detectron2's final rescaling to the original size (``model.inference(..., do_postprocess=False)``).
 """
 
+import contextlib
 import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -21,10 +26,18 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.structures import Boxes
+from PIL import Image
 
 __all__ = [
+    "PREPROCESSING_KEYS",
+    "SHRINK",
+    "ConfigMismatchError",
+    "ExportError",
+    "check_training_config",
+    "preprocessing_config",
     "DEPLOY_FILE",
     "DEPLOY_FORMATS",
     "DEPLOY_EXTRA_HINT",
@@ -67,7 +80,100 @@ class MissingDeployExtra(ImportError):
 
 
 class DeployCheckError(ValueError):
-    """The exported model does not reproduce the PyTorch student's detections."""
+    """The exported model does not reproduce the PyTorch student's detections, or the check saw
+    no detection at all (which checks nothing)."""
+
+
+class ExportError(RuntimeError):
+    """``torch.jit.trace``/``script`` or ``torch.onnx.export`` failed; the message is one line
+    naming the format and the cause (the original exception is chained)."""
+
+
+class ConfigMismatchError(ValueError):
+    """The export's preprocessing config differs from the training config saved beside the
+    checkpoint."""
+
+
+# The config values that decide how an image must be prepared for the model: written to
+# deploy.json and compared with the training config.
+PREPROCESSING_KEYS = (
+    "INPUT.FORMAT",
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+    "INPUT.MIN_SIZE_TEST",
+    "INPUT.MAX_SIZE_TEST",
+)
+# The check also runs on an image that the resize shrinks by this factor, where PIL's
+# antialiasing (detectron2's resize) and a plain bilinear resize (cv2.INTER_LINEAR) differ most.
+SHRINK = 0.3
+
+
+def _get(cfg: CfgNode, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def preprocessing_config(cfg: CfgNode) -> Dict:
+    """{key: value} of :data:`PREPROCESSING_KEYS` in ``cfg`` (lists for mean and std)."""
+    return {key: _get(cfg, key) for key in PREPROCESSING_KEYS}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)))
+    return a == b
+
+
+def check_training_config(cfg: CfgNode, weights: str) -> Optional[str]:
+    """Compare ``cfg``'s preprocessing (:data:`PREPROCESSING_KEYS`) with the training config
+    that detectron2 saved beside the checkpoint (``config.yaml`` in the folder of ``weights``,
+    written by ``default_setup``).
+
+    Returns:
+        the path of the training config compared, or None when there is none (a checkpoint
+        outside its training folder, a URL) or it cannot be read as a config (logged).
+
+    Raises:
+        ConfigMismatchError: some value differs; the message names each key, both values, both
+            files and the flag that exports anyway.
+    """
+    from ..config import get_dkd_cfg  # export -> config, only when comparing
+
+    if "://" in weights:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), "config.yaml")
+    if not os.path.isfile(path):
+        logger.info("No training config beside %s: the preprocessing is not compared.", weights)
+        return None
+    try:
+        trained = get_dkd_cfg(path, key=f"the training config beside {weights!r}")
+    except (KeyError, ValueError, AssertionError) as e:
+        logger.warning(
+            "%s cannot be read as a dkd-det config (%s: %s): the preprocessing is not compared.",
+            path,
+            type(e).__name__,
+            e,
+        )
+        return None
+    ours, theirs = preprocessing_config(cfg), preprocessing_config(trained)
+    diff = [
+        f"{k}: {ours[k]!r} here, {theirs[k]!r} in training"
+        for k in ours
+        if not _same(ours[k], theirs[k])
+    ]
+    if diff:
+        raise ConfigMismatchError(
+            f"The export's preprocessing differs from the training config {path} (saved beside "
+            f"the checkpoint {weights}): {'; '.join(diff)}. The exported model and deploy.json "
+            "would prepare images differently from how the model was trained and evaluated. "
+            f"Export with --config-file {path} (or the same overrides as in training), or pass "
+            "--ignore-training-config if the change is deliberate."
+        )
+    return path
 
 
 def require_onnx():
@@ -111,8 +217,9 @@ class Tolerances:
 
 def resize_for_model(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
     """An (H, W, 3) uint8 image in ``cfg.INPUT.FORMAT`` -> the exported model's input: float32
-    (3, H', W'), resized as :class:`DefaultPredictor` does (ResizeShortestEdge to
-    ``INPUT.MIN_SIZE_TEST``, at most ``INPUT.MAX_SIZE_TEST``)."""
+    (3, H', W'), resized as :class:`DefaultPredictor` does (detectron2's ResizeShortestEdge to
+    ``INPUT.MIN_SIZE_TEST``, at most ``INPUT.MAX_SIZE_TEST``: PIL bilinear on the uint8 image,
+    antialiased when shrinking). The README's recipe (PIL only) gives the same tensor."""
     aug = T.ResizeShortestEdge(
         [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
     )
@@ -120,34 +227,56 @@ def resize_for_model(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
 
 
+def _enlarged(cfg: CfgNode, image: np.ndarray, shrink: float) -> np.ndarray:
+    # An enlargement of ``image`` that the resize brings back down by ``shrink``.
+    h, w = resize_for_model(cfg, image).shape[1:]
+    size = (int(round(w / shrink)), int(round(h / shrink)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
 def sample_inputs(
-    cfg: CfgNode, files: Sequence[str] = (), num_random: int = 0, seed: int = 0
+    cfg: CfgNode,
+    files: Sequence[str] = (),
+    num_random: int = 0,
+    seed: int = 0,
+    shrink: Optional[float] = SHRINK,
 ) -> List[Tuple[str, torch.Tensor]]:
     """(name, model input) pairs for tracing and checking an export: the image ``files`` (read
-    with OpenCV, converted to ``cfg.INPUT.FORMAT``), ``num_random`` random images, and always
-    one random image whose aspect ratio is the transpose of the first one's, so that a traced
-    model that kept the tracing input's shape fails the check.
+    as detectron2 reads images, with PIL in ``cfg.INPUT.FORMAT``, EXIF orientation applied),
+    ``num_random`` random images, always one random image whose aspect ratio is the transpose
+    of the first one's, so that a traced model that kept the tracing input's shape fails the
+    check, and (``shrink``) the first image enlarged so that the resize shrinks it by ``shrink``
+    (0.3), the regime where resizing as detectron2 does matters most.
 
     Raises:
         OSError: a file cannot be read as an image.
     """
-    import cv2
-
-    out = []
+    out, originals = [], []
     for path in files:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise OSError(f"{path}: cannot read the image")
-        if cfg.INPUT.FORMAT == "RGB":
-            image = image[:, :, ::-1]
-        out.append((path, resize_for_model(cfg, np.ascontiguousarray(image))))
+        try:
+            image = read_image(path, format=cfg.INPUT.FORMAT)
+        except Exception as e:  # missing, truncated, not an image
+            raise OSError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
+        image = np.ascontiguousarray(image)
+        originals.append((path, image))
+        out.append((path, resize_for_model(cfg, image)))
     rng = np.random.default_rng(seed)
     shapes = [(480, 640)] * num_random
     first = out[0][1].shape[1:] if out else (shapes or [(480, 640)])[0]
     shapes.append((int(first[1]), int(first[0]) + 32))  # + 32: a square image still changes
     for k, (h, w) in enumerate(shapes):
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        originals.append((f"random image {k}", image))
         out.append((f"random image {k} ({h}x{w})", resize_for_model(cfg, image)))
+    if shrink:
+        name, image = originals[0]
+        big = _enlarged(cfg, image, shrink)
+        out.append(
+            (
+                f"{name} enlarged to {big.shape[0]}x{big.shape[1]}, shrunk {shrink}x by the resize",
+                resize_for_model(cfg, big),
+            )
+        )
     return out
 
 
@@ -273,9 +402,21 @@ class DeployedModel:
     :class:`Detections`. Needs torch and torchvision (their ops are in the graph), and for
     ONNX onnxruntime; never dkd-det's or detectron2's model code."""
 
-    def __init__(self, folder: str, device: str = "cpu", num_threads: Optional[int] = None):
-        with open(os.path.join(folder, DEPLOY_FILE)) as f:
-            self.info = json.load(f)
+    def __init__(
+        self,
+        folder: str,
+        device: str = "cpu",
+        num_threads: Optional[int] = None,
+        info: Optional[Dict] = None,
+    ):
+        """
+        Args:
+            info: deploy.json's content, when it is not (yet) in ``folder``.
+        """
+        if info is None:
+            with open(os.path.join(folder, DEPLOY_FILE)) as f:
+                info = json.load(f)
+        self.info = info
         self.format = self.info["format"]
         self.path = os.path.join(folder, self.info["file"])
         self.device = torch.device(device)
@@ -429,6 +570,7 @@ def _deploy_info(
     fmt: str,
     classes: Optional[Sequence[str]],
     extra: Dict,
+    training_config: Optional[str],
 ) -> Dict:
     return {
         "format": fmt,
@@ -443,8 +585,12 @@ def _deploy_info(
             "resize": {
                 "min_size": cfg.INPUT.MIN_SIZE_TEST,
                 "max_size": cfg.INPUT.MAX_SIZE_TEST,
-                "how": "shortest side to min_size, longest at most max_size, bilinear "
-                "(detectron2's ResizeShortestEdge, as DefaultPredictor)",
+                "interpolation": "PIL.Image.BILINEAR on the uint8 image",
+                "how": "detectron2's ResizeShortestEdge, as DefaultPredictor: scale = min_size / "
+                "shortest side, then if the longest side would exceed max_size scale both down to "
+                "it; height and width rounded with int(x + 0.5); resized with PIL's "
+                "Image.resize(size, Image.BILINEAR), which antialiases when shrinking "
+                "(cv2.INTER_LINEAR does not, and gives other detections); see the README's recipe",
             },
             # Applied inside the model: informative, never to be applied by the caller.
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
@@ -452,6 +598,10 @@ def _deploy_info(
             "normalized_inside_model": True,
             "size_divisibility": model.backbone.size_divisibility,
         },
+        # The config values that decide the preprocessing, as exported.
+        "config": preprocessing_config(cfg),
+        # The training config they were compared with (None: not compared).
+        "training_config": training_config,
         "output_boxes": "XYXY in the resized input's pixels; multiply x by original_width / "
         "width and y by original_height / height for the original image",
         "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
@@ -460,6 +610,33 @@ def _deploy_info(
         "thing_classes": list(classes) if classes is not None else None,
         "torch": torch.__version__,
     }
+
+
+def _one_line(what: str, e: BaseException) -> str:
+    """``what`` failed: the exception's first line, and the first source location it names."""
+    text = str(e).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.rstrip(":").strip() or type(e).__name__
+    where = re.search(r'File "([^"]+)", line (\d+)', text)
+    at = f" (at {where.group(1)}, line {where.group(2)})" if where else ""
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return f"{what} failed: {type(e).__name__}: {first}{at}"
+
+
+@contextlib.contextmanager
+def _one_line_errors(what: str):
+    """Any error but ours becomes an :class:`ExportError` of one line (the whole message goes to
+    the log): torch.jit, torch.onnx and onnxruntime errors run to pages of graph and source."""
+    try:
+        yield
+    except (MissingDeployExtra, DeployCheckError, ExportError):
+        raise
+    except Exception as e:
+        if isinstance(e, ValueError) and "\n" not in str(e).strip():
+            raise  # ours (e.g. the opset's refusal): already one clear line
+        logger.info("%s failed:\n%s", what, e)
+        raise ExportError(_one_line(what, e)) from e
 
 
 def export_deployable(
@@ -473,23 +650,39 @@ def export_deployable(
     opset: int = ONNX_OPSET,
     check: bool = True,
     tol: Tolerances = Tolerances(),
+    real_images: int = 0,
+    require_detections: bool = False,
+    training_config: Optional[str] = None,
 ) -> Dict:
     """Export the student to ``output_dir/model.ts`` or ``model.onnx`` plus
-    ``output_dir/deploy.json`` (input format, pixel mean/std, size limits, output names,
-    class names, the check's result), then check it on ``images``.
+    ``output_dir/deploy.json`` (input format, the resize, pixel mean/std, the preprocessing
+    config values, output names, class names, the check's result), then check it on ``images``.
+
+    The files are written to a temporary folder inside ``output_dir`` and moved into place
+    only when the check passed: a failed export never replaces a previous one.
 
     Args:
         cfg: the student's config (see :func:`dkd_det.config.student_cfg`).
         fmt: "torchscript" or "onnx".
         images: (name, (3, H, W) model input) pairs; the first is the tracing input.
         method: TorchScript's "trace" or "script".
+        real_images: how many of ``images`` come from real image files (the others are random
+            noise); 0 is recorded in deploy.json as a check on no real image.
+        require_detections: fail when the PyTorch student detected nothing in ``images`` (a
+            check that checks nothing; tools/export_student.py sets it unless
+            ``--allow-no-detections``). Without it such a check is recorded in deploy.json with
+            a warning.
+        training_config: the training config the preprocessing was compared with
+            (:func:`check_training_config`), recorded in deploy.json.
 
     Returns:
         {"model": path, "info": path of deploy.json, "check": :func:`check_deployed`'s totals
-        (None without check)}.
+        plus "real_images" (None without check)}.
 
     Raises:
-        DeployCheckError: the check failed; the model file and deploy.json are removed.
+        DeployCheckError: the check failed, or saw no detection (with ``require_detections``);
+            nothing is written.
+        ExportError: the exporter failed (one line: format and cause); nothing is written.
         MissingDeployExtra: ONNX without onnx/onnxruntime.
     """
     if fmt not in DEPLOY_FORMATS:
@@ -497,28 +690,55 @@ def export_deployable(
     if fmt == "onnx":
         require_onnx()
     os.makedirs(output_dir, exist_ok=True)
-    model_path = os.path.join(output_dir, _FILES[fmt])
-    info_path = os.path.join(output_dir, DEPLOY_FILE)
-    sample = images[0][1].to(model.device)
-    if fmt == "torchscript":
-        extra = export_torchscript(model, sample, model_path, method)
-    else:
-        extra = export_onnx(model, sample, model_path, opset)
-    info = _deploy_info(cfg, model, fmt, classes, extra)
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=2)
-    result = {"model": model_path, "info": info_path, "check": None}
-    if not check:
-        return result
+    work = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
     try:
-        deployed = DeployedModel(output_dir, device=str(model.device))
-        result["check"] = check_deployed(cfg, model, deployed, images, tol)
-    except DeployCheckError:
-        # Nothing that failed the check is left to be deployed by mistake.
-        for path in (model_path, info_path):
-            os.remove(path)
-        raise
-    info["check"] = {**result["check"], "tolerances": asdict(tol)}
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=2)
-    return result
+        written = {
+            "model": os.path.join(work, _FILES[fmt]),
+            "info": os.path.join(work, DEPLOY_FILE),
+        }
+        sample = images[0][1].to(model.device)
+        what = f"TorchScript ({method})" if fmt == "torchscript" else f"ONNX (opset {opset})"
+        with _one_line_errors(f"{what} export"):
+            if fmt == "torchscript":
+                extra = export_torchscript(model, sample, written["model"], method)
+            else:
+                extra = export_onnx(model, sample, written["model"], opset)
+        info = _deploy_info(cfg, model, fmt, classes, extra, training_config)
+        info["check"], totals = None, None
+        if check:
+            with _one_line_errors(f"Running the {what} export for its check"):
+                deployed = DeployedModel(work, device=str(model.device), info=info)
+                totals = check_deployed(cfg, model, deployed, images, tol)
+            totals["real_images"] = real_images
+            if totals["detections"] == 0 and require_detections:
+                raise DeployCheckError(
+                    f"The {fmt} export was checked on {totals['images']} images "
+                    f"({', '.join(name for name, _ in images)}) and the PyTorch student detected "
+                    "nothing in any of them (score threshold "
+                    f"{cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST}): that checks nothing. Check on "
+                    "images the model detects objects in (--check-images), or pass "
+                    "--allow-no-detections to export anyway."
+                )
+            info["check"] = {
+                **totals,
+                "inputs": [name for name, _ in images],
+                "tolerances": asdict(tol),
+            }
+            warnings = []
+            if real_images == 0:
+                warnings.append(
+                    "checked on no real image (random noise only): it says little about the "
+                    "detections on real images"
+                )
+            if totals["detections"] == 0:
+                warnings.append("the PyTorch student detected nothing: nothing was compared")
+            if warnings:
+                info["check"]["warning"] = "; ".join(warnings)
+        with open(written["info"], "w") as f:
+            json.dump(info, f, indent=2)
+        result = {key: os.path.join(output_dir, os.path.basename(p)) for key, p in written.items()}
+        for key in ("model", "info"):
+            os.replace(written[key], result[key])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**result, "check": totals}

@@ -31,8 +31,8 @@ def _check_keys(cfg: CfgNode, reference: CfgNode, prefix: str = "") -> None:
 
 def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
     """The student's config as plain detectron2: ``GeneralizedRCNN`` with ``StandardROIHeads``,
-    without ``MODEL.DISTILL``, ``MODEL.TEACHER``, ``DATASETS.COCO_FORMAT`` and
-    ``DATALOADER.SKIP_BROKEN_IMAGES``, and with
+    without ``MODEL.DISTILL``, ``MODEL.TEACHER``, ``MODEL.WEIGHTS_SHA256``,
+    ``DATASETS.COCO_FORMAT`` and ``DATALOADER.SKIP_BROKEN_IMAGES``, and with
     ``MODEL.WEIGHTS = weights``. Raises KeyError if any key would be unknown to vanilla
     detectron2."""
     plain = cfg.clone()
@@ -45,6 +45,7 @@ def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
     for node, key in (
         (plain.MODEL, "DISTILL"),
         (plain.MODEL, "TEACHER"),
+        (plain.MODEL, "WEIGHTS_SHA256"),  # the pin of the trained file, not of the export
         (plain.DATASETS, "COCO_FORMAT"),
         (plain.DATALOADER, "SKIP_BROKEN_IMAGES"),
     ):

@@ -234,7 +234,7 @@ class MobileNetV2(Backbone):
             {name: (N, channels, ceil(H / stride), ceil(W / stride))} for ``out_features``.
         """
         if x.dim() != 4:
-            raise ValueError(f"MobileNetV2 takes (N, C, H, W) inputs, got shape {tuple(x.shape)}.")
+            raise ValueError(f"MobileNetV2 takes (N, C, H, W) inputs, got shape {list(x.shape)}.")
         outputs = {}
         for i, block in enumerate(self.features):
             x = block(x)
