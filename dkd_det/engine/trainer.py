@@ -19,7 +19,6 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer, resolve_weights
-from ..config import uses_teacher
 from ..data import CheckedDatasetMapper, check_images, check_num_classes
 from .hooks import TeacherCheck
 
@@ -57,15 +56,6 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
-
-    @classmethod
-    def build_model(cls, cfg):
-        """detectron2's, after checking the teacher's weights against ``MODEL.TEACHER.SHA256``
-        when it is set (the teacher is loaded while the model is built)."""
-        teacher = cfg.MODEL.get("TEACHER", None)
-        if uses_teacher(cfg) and teacher is not None and teacher.WEIGHTS and teacher.get("SHA256"):
-            resolve_weights(teacher.WEIGHTS, "MODEL.TEACHER.WEIGHTS", teacher.SHA256)
-        return super().build_model(cfg)
 
     def build_hooks(self):
         hooks = super().build_hooks()

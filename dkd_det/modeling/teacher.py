@@ -68,7 +68,9 @@ def build_teacher(cfg, tcfg=None) -> GeneralizedRCNN:
             "MODEL.TEACHER.WEIGHTS is empty: a randomly initialised teacher teaches nothing. "
             "Set it to the teacher's trained checkpoint (a path or a detectron2:// URL)."
         )
-    weights = resolve_weights(cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS")
+    weights = resolve_weights(
+        cfg.MODEL.TEACHER.WEIGHTS, "MODEL.TEACHER.WEIGHTS", cfg.MODEL.TEACHER.get("SHA256", "")
+    )
     who = (
         f"the teacher (MODEL.TEACHER.CONFIG_FILE {cfg.MODEL.TEACHER.CONFIG_FILE!r} with "
         "MODEL.TEACHER.OPTS)"
