@@ -6,6 +6,10 @@ tau^2.
 The hyperparameters are those of the reference implementation's Faster R-CNN setting
 (mmrazor's ``cwd_fpn_frcnn_r101_frcnn_r50_1x_coco.py``): levels p2..p6 (all five FPN
 outputs), tau 1, loss weight 10 on each.
+
+Differences from the reference (mmrazor's ``ChannelWiseDivergence``): none in the value (equal
+to float64 rounding in a side-by-side run); KL is taken from two log-softmaxes, and maps of
+different sizes or channels are a clear error instead of an assertion.
 """
 
 from typing import Dict, Sequence

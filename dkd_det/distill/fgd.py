@@ -20,6 +20,18 @@ with the student, never exported.
 The hyperparameters are those of FGD's own Faster R-CNN R-101 -> R-50 config
 (``fgd_faster_rcnn_r101_fpn_2x_distill_faster_rcnn_r50_fpn_2x_coco.py``): levels p2..p5,
 T 0.5, alpha 5e-5, beta 2.5e-5, gamma 5e-5, lambda 5e-7.
+
+Differences from the reference (FGD's ``FeatureLoss``; with its mask convention swapped in, a
+side-by-side float64 run agrees to 2e-9 relative):
+
+* box -> pixels: a feature pixel belongs to a box if its stride x stride cell overlaps the box,
+  and a box's scale is 1 / (its pixels on the map, after clipping to it). FGD's code also
+  marks the row and column after ``ceil(x2 / stride)`` (one more of each) and counts them in
+  the area, even where they fall outside the map.
+* boxes are mapped by the level's stride; FGD's code scales them by feature size / unpadded
+  image size, which stretches them in a padded batch.
+* FGD's R-101 config also initialises the student's neck and heads from the teacher
+  (``init_student``) and clips gradients (max norm 35); neither is done here.
 """
 
 from typing import Dict, Optional, Sequence

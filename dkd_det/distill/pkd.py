@@ -5,6 +5,12 @@ per channel, then compared by MSE, which is ``1 - r`` for r their Pearson correl
 The hyperparameters are those of the reference implementation's Faster R-CNN setting
 (mmrazor's ``pkd_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco.py``):
 levels p2..p5, loss weight 6 on each.
+
+Differences from the reference (mmrazor's ``PKDLoss``): the variance is the population one
+(so the loss is exactly ``1 - r``; mmrazor divides by the unbiased std, which scales the loss
+by ``(M - 1) / M`` for M values per channel, 1e-3 relative at our test sizes) and its epsilon
+is added to the variance, not to the std; maps of different sizes are an error, where
+mmrazor would resize the student's bilinearly.
 """
 
 from typing import Dict, Sequence
