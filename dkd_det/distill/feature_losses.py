@@ -1,5 +1,5 @@
 """Pure-torch formulas of the feature distillation terms PKD, CWD, FGD and MGD, one function
-each, plus the level checks the four terms share.
+each, plus the level checks the four terms share (torch only: no detectron2 import).
 
 Shapes: N images, C channels, (H, W) the size of one FPN level. Feature maps are
 ``(N, C, H, W)``; every loss is a float32 scalar (half-precision inputs are upcast; float64
@@ -18,11 +18,10 @@ apply unchanged.
   :func:`mgd_loss`.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
 
 __all__ = [
     "PKD_EPS",
@@ -254,8 +253,8 @@ def mgd_loss(generated: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def feature_levels(
     term: str,
     names: Sequence[str],
-    student_shape: Dict[str, ShapeSpec],
-    teacher_shape: Dict[str, ShapeSpec],
+    student_shape: Dict[str, Any],
+    teacher_shape: Dict[str, Any],
     same_channels: bool,
 ) -> Tuple[List[str], List[int], List[int], List[int]]:
     """The levels a feature term distils, checked against both backbones' outputs.
@@ -264,7 +263,8 @@ def feature_levels(
         term: the term's config name, e.g. "PKD" (for messages naming
             ``MODEL.DISTILL.<term>.IN_FEATURES``).
         names: the levels, e.g. ["p2", "p3", "p4", "p5"].
-        student_shape, teacher_shape: the backbones' ``output_shape()``.
+        student_shape, teacher_shape: the backbones' ``output_shape()`` (detectron2
+            ShapeSpecs: ``.channels``, ``.stride``).
         same_channels: refuse levels whose channels differ (terms without an alignment
             layer in their reference implementation).
 
