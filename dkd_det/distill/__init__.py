@@ -13,9 +13,13 @@ from .base import (
     registered_terms,
     term_names,
 )
+from .cwd import CWD
 from .dkd import DKD
+from .fgd import FGD
 from .kd import KD
 from .logits import LogitTerm, check_softmax_classifier, check_softmax_predictor
+from .mgd import MGD
+from .pkd import PKD
 from .reviewkd import ABF, ReviewKD
 
 __all__ = [
@@ -37,4 +41,8 @@ __all__ = [
     "KD",
     "ABF",
     "ReviewKD",
+    "PKD",
+    "CWD",
+    "FGD",
+    "MGD",
 ]
