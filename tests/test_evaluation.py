@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -73,6 +74,33 @@ def test_spread_quartiles_by_hand():
     assert ev.spread([7.0]) == {"median": 7.0, "q1": 7.0, "q3": 7.0, "min": 7.0, "max": 7.0, "n": 1}
     with pytest.raises(ValueError):
         ev.spread([])
+
+
+def test_ratio_spread_is_taken_round_by_round():
+    # Per round 2, 3, 1: median 2; the ratio of the medians would be 4 / 4 = 1.
+    r = ev.ratio_spread([2.0, 30.0, 4.0], [1.0, 10.0, 4.0])
+    assert (r["median"], r["min"], r["max"]) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError, match="same, non-zero count"):
+        ev.ratio_spread([1.0, 2.0], [1.0])
+
+
+def test_interleaved_rounds_rotate_and_drop_the_warmup():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = ev.interleaved_ms(fns, repeats=3, warmup=1)
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_peak_memory_sees_an_allocation():
+    assert ev.peak_mib(lambda: torch.ones(2**21)) >= 7.9  # 8 MiB of float32
+
+    def touch_64_mib():
+        x = torch.ones(2**24)
+        return float(x.sum())
+
+    assert ev.peak_rss_mib(touch_64_mib) >= 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,3 +232,56 @@ def test_plots_write_pngs(tmp_path):
     )
     for name in ("losses.png", "ap.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# random-weight models on equal footing
+
+
+@pytest.fixture(scope="module")
+def random_r18():
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(make_cfg(R18)).eval()
+
+
+def test_random_inputs_are_reproducible():
+    a, b = ev.random_inputs(2, 64, 96, 3, seed=1), ev.random_inputs(2, 64, 96, 3, seed=1)
+    assert len(a) == 2 and a[0]["image"].shape == (3, 64, 96)
+    assert torch.equal(a[1]["image"], b[1]["image"])
+    assert torch.equal(a[1]["instances"].gt_boxes.tensor, b[1]["instances"].gt_boxes.tensor)
+    assert not torch.equal(a[0]["image"], ev.random_inputs(1, 64, 96, 3, seed=2)[0]["image"])
+
+
+def test_calibrated_norms_normalise_their_input(random_r18):
+    from detectron2.layers import FrozenBatchNorm2d
+
+    model = random_r18
+    inputs = ev.random_inputs(2, 96, 128, 3)
+    norms = [m for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert ev.calibrate_norms(model, inputs) == len(norms) > 0
+    outputs = []
+    handles = [
+        m.register_forward_hook(lambda m, a, out: outputs.append(out.clone())) for m in norms
+    ]
+    with torch.no_grad():
+        model.backbone(model.preprocess_image(inputs).tensor)
+    for h in handles:
+        h.remove()
+    for out in outputs:  # weight 1, bias 0 as built: mean 0, variance 1 per channel
+        assert out.mean((0, 2, 3)).abs().max() < 1e-3
+        assert (out.var((0, 2, 3), unbiased=False) - 1).abs().max() < 1e-2
+
+
+def test_equal_candidates_bound_what_reaches_nms(random_r18):
+    model = random_r18
+    x = {"image": ev.random_inputs(1, 96, 128, 3)[0]["image"]}
+    for num in (5, 40):
+        info = ev.equalise_candidates(model, x, num)
+        assert info["candidates"] == num and info["proposals"] > num
+        assert model.roi_heads.box_predictor.test_score_thresh == info["threshold"]
+        with torch.no_grad():
+            inst = model([x])[0]["instances"]
+        assert 0 < len(inst) <= num and bool((inst.scores > info["threshold"]).all())
+    assert ev.equalise_candidates(model, x, 10**6)["threshold"] == -1.0  # fewer: all pass

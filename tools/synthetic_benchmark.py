@@ -68,6 +68,7 @@ from dkd_det.evaluation import (
     results_file,
     seconds_per_iter,
     seed_table,
+    time_ms,
 )
 
 # The configs are the checkout's: this script lives in its tools/.
@@ -399,12 +400,7 @@ def _inputs(cfg, records):
 @torch.no_grad()
 def inference_ms(cfg, model, records, warmup: int = 3) -> float:
     """Median inference latency per image (ms), batch 1, after ``warmup`` images."""
-    times = []
-    for i, (_, x) in enumerate(_inputs(cfg, records)):
-        start = time.perf_counter()
-        model([x])
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
+    times = [time_ms(lambda: model([x])) for _, x in _inputs(cfg, records)][warmup:]
     return statistics.median(times) if times else float("nan")
 
 
