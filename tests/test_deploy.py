@@ -1,5 +1,6 @@
 """Deployable students (issue 14): TorchScript and ONNX exports through detectron2.export,
-the check against the PyTorch student, the missing-extra error and the deploy benchmark.
+the check against the PyTorch student and the missing-extra error (the deploy benchmark:
+tests/test_benchmark.py).
 Random-init students at tiny sizes; ONNX tests are skipped without onnxruntime."""
 
 import json
@@ -278,22 +279,3 @@ def test_onnx_without_the_extra_says_what_to_install(tmp_path):
     assert "pip install 'dkd_det[deploy]'" in proc.stderr and "make setup-deploy" in proc.stderr
     assert "missing.pth" not in proc.stderr  # it failed before looking at the weights
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_toy_deploy_benchmark_reports_every_runtime(tmp_path):
-    out = tmp_path / "bench.json"
-    run = run_tool("benchmark.py", "--deploy", "--toy", "--pairs", "R101-R18", "--output", str(out))
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert "| model | runtime | median ms |" in run.stdout
-    rows = json.loads(out.read_text())["deploy"]["R101-R18"]
-    runtimes = [r["runtime"] for r in rows]
-    assert runtimes[:3] == ["PyTorch", "PyTorch", "TorchScript (trace)"]
-    for r in rows:
-        assert r["ms"] is None or r["ms"] > 0
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        assert rows[3]["ms"] is None and "dkd_det[deploy]" in rows[3]["note"]
-    else:
-        assert rows[3]["runtime"] == "ONNX Runtime (opset 16)" and rows[3]["ms"] > 0

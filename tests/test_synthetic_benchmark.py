@@ -1,6 +1,6 @@
-"""tools/synthetic_benchmark.py (`make demo`): its statistics on inputs whose answers are known
-by hand, the pairing of seeds, and the whole pipeline at toy size, whose report must hold the
-AP values pycocotools computes from the evaluator's own output files."""
+"""tools/synthetic_benchmark.py (`make demo`): the pairing of seeds, and the whole pipeline at toy
+size, whose report must hold the AP values pycocotools computes from the evaluator's own output
+files. Its statistics are dkd_det.evaluation's, tested in tests/test_evaluation.py."""
 
 import json
 import os
@@ -12,60 +12,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from helpers import ROOT, load_tool
-
-bench = load_tool("synthetic_benchmark.py")
-
-
-@pytest.mark.parametrize(
-    "df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (1000, 1.9623)]
-)
-def test_t_quantile_matches_the_tables(df, expected):
-    assert bench.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
-
-
-def test_paired_difference_interval_by_hand():
-    # d = 2, 3, 4: mean 3, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841
-    d = bench.paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
-    assert d["mean"] == pytest.approx(3.0) and d["sd"] == pytest.approx(1.0)
-    assert d["ci_low"] == pytest.approx(0.5159, abs=1e-3)
-    assert d["ci_high"] == pytest.approx(5.4841, abs=1e-3)
-    assert d["diffs"] == [2.0, 3.0, 4.0] and d["n"] == 3
-    assert "is better; the interval excludes 0" in bench.describe("DKD", "plain", d)
-    wide = bench.paired_difference([1.0, 3.0, 2.0], [2.0, 1.0, 1.5])  # d = -1, 2, 0.5
-    assert wide["ci_low"] < 0 < wide["ci_high"]
-    assert "includes 0, no difference shown" in bench.describe("DKD", "plain", wide)
-    worse = bench.paired_difference([1.0, 1.0, 1.0, 1.0], [2.0, 2.1, 1.9, 2.0])
-    assert "is worse" in bench.describe("DKD", "plain", worse)
-    one = bench.paired_difference([1.0], [0.5])
-    assert one["mean"] == 0.5 and "no interval" in bench.describe("DKD", "plain", one)
-    with pytest.raises(ValueError, match="same, non-zero length"):
-        bench.paired_difference([1.0, 2.0], [1.0])
-
-
-def test_bootstrap_of_perfect_and_of_identical_detections(tmp_path, tiny_data):
-    """Ground truth as detections is AP 100 on every resample; two identical result files
-    differ by exactly 0 on every resample (the same images are drawn for both)."""
-    gt_json = tiny_data["val"][0]
-    gt = json.load(open(gt_json))
-    perfect = [
-        {
-            "image_id": a["image_id"],
-            "category_id": a["category_id"],
-            "bbox": a["bbox"],
-            "score": 1.0,
-        }
-        for a in gt["annotations"]
-    ]
-    shifted = [{**d, "bbox": [d["bbox"][0] + 3, *d["bbox"][1:]], "score": 0.5} for d in perfect]
-    files = {}
-    for name, dets in (("perfect", perfect), ("a", shifted), ("b", shifted)):
-        files[name] = str(tmp_path / f"{name}.json")
-        json.dump(dets, open(files[name], "w"))
-    boot = bench.bootstrap_ap(gt_json, files, num=5)["ap"]
-    assert boot["perfect"] == pytest.approx([100.0] * 5)
-    assert [a - b for a, b in zip(boot["a"], boot["b"])] == [0.0] * 5
-    assert all(0 <= x < 100 for x in boot["a"])
+from helpers import ROOT
 
 
 def test_seed_pairs_variants_same_init_and_same_batches(tiny_data, dataset_opts, dkd_opts):

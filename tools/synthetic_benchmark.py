@@ -21,15 +21,15 @@ report.json (AP of every run, mean and standard deviation per variant, paired di
 95% confidence intervals, evaluation noise by a bootstrap over test images, the verdict),
 ap_per_seed.png, losses.png, detections.png, pretrained/ (the backbones), and one folder per run
 with detectron2's usual outputs. Reruns reuse the data, the backbones and the teacher.
+
+The stages are the functions below, in order: prepare_data, pretrain_backbones, train_teacher,
+train_students, compare, measure_cost, draw_pictures, write_report; the statistics, the
+bootstrap, the tables and the plots are dkd_det.evaluation's.
 """
 
 import argparse
-import contextlib
-import copy
-import io
 import json
 import logging
-import math
 import os
 import pickle
 import statistics
@@ -56,6 +56,20 @@ from dkd_det.config import get_dkd_cfg
 from dkd_det.data import check_datasets, register_coco_format
 from dkd_det.data.synthetic import COLOURS, class_names, classification_batch, generate
 from dkd_det.engine import Trainer, load_student
+from dkd_det.evaluation import (
+    bootstrap_difference,
+    describe,
+    difference_table,
+    fmt,
+    mean_sd,
+    paired_difference,
+    plot_ap_per_seed,
+    plot_losses,
+    results_file,
+    seconds_per_iter,
+    seed_table,
+    time_ms,
+)
 
 # The configs are the checkout's: this script lives in its tools/.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +81,17 @@ VARIANTS = [
     ("KD", "kd_r50_r18.yaml"),
     ("DKD", "dkd_r50_r18.yaml"),
 ]
-# (backbone file, ResNet depth, config that uses it)
 # `--reviewkd` (make demo REVIEWKD=1): DKD + ReviewKD's feature term, the paper's best row.
 REVIEWKD = ("DKD+ReviewKD", "reviewdkd_r50_r18.yaml")
+# The paired differences reported, when both variants ran.
+DIFFERENCES = [
+    ("DKD", "plain"),
+    ("DKD", "KD"),
+    ("KD", "plain"),
+    (REVIEWKD[0], "DKD"),
+    (REVIEWKD[0], "plain"),
+]
+# (backbone file, ResNet depth, config that uses it)
 BACKBONES = [("R-18-synthetic.pkl", 18, VARIANTS[0][1]), ("R-50-synthetic.pkl", 50, TEACHER[1])]
 FULL = dict(
     num_train=400,
@@ -104,110 +126,34 @@ def say(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# statistics
+# stage 1 and 2: data, pretrained backbones (the stand-in for ImageNet)
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (0.5 < p < 1) of Student's t distribution with ``df`` degrees of
-    freedom: the CDF, integrated from the density with Simpson's rule, inverted by bisection
-    (accurate to about 1e-6; no scipy needed)."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x: float, n: int = 4000) -> float:
-        h = x / n
-        ys = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
-        return 0.5 + h / 3 * (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2]))
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
+def prepare_data(data_dir: str, size: dict) -> None:
+    """The synthetic train/val/test sets in ``data_dir`` (COCO-format JSON and images), unless
+    they are there already."""
+    if os.path.isfile(os.path.join(data_dir, "test.json")):
+        say(f"1/6 data: reusing {data_dir}")
+        return
+    n = (size["num_train"], size["num_val"], size["num_test"])
+    say(f"1/6 data: writing {n[0]} train, {n[1]} val, {n[2]} test images to {data_dir}")
+    generate(data_dir, *n, image_size=size["image_size"])
 
 
-def mean_sd(values: Sequence[float]) -> Dict[str, float]:
-    """{"mean", "sd" (sample standard deviation, n - 1; NaN for one value), "n"}."""
-    values = list(values)
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
-    """The mean of the paired differences a_k - b_k and its ``confidence`` interval from
-    Student's t with n - 1 degrees of freedom: mean -+ t * sd / sqrt(n). NaN bounds for n = 1."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired samples must have the same, non-zero length: {len(a)}, {len(b)}")
-    d = [x - y for x, y in zip(a, b)]
-    s = mean_sd(d)
-    if s["n"] > 1:
-        half = t_quantile(0.5 + confidence / 2, s["n"] - 1) * s["sd"] / math.sqrt(s["n"])
-    else:
-        half = float("nan")
-    return {**s, "ci_low": s["mean"] - half, "ci_high": s["mean"] + half, "diffs": d}
-
-
-def describe(name_a: str, name_b: str, diff: dict) -> str:
-    """One sentence on a paired difference: what its 95% interval supports, nothing more."""
-    head = f"{name_a} - {name_b}: {diff['mean']:+.2f} AP"
-    if diff["n"] < 2:
-        return f"{head} with one seed: no interval, no conclusion."
-    span = f"95% CI [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], {diff['n']} paired seeds"
-    if diff["ci_low"] > 0:
-        return f"{head} ({span}): {name_a} is better; the interval excludes 0."
-    if diff["ci_high"] < 0:
-        return f"{head} ({span}): {name_a} is worse; the interval excludes 0."
-    return f"{head} ({span}): the interval includes 0, no difference shown."
-
-
-@contextlib.contextmanager
-def _quiet():
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def bootstrap_ap(gt_json: str, results: Dict[str, str], num: int, seed: int = 0) -> dict:
-    """Evaluation noise: COCO box AP (percent) of each model in ``results`` ({name: the
-    evaluator's coco_instances_results.json}) on ``num`` resamples of the test images (with
-    replacement, the same resample for every model). pycocotools matches each image once; each
-    resample only re-accumulates. Returns {"ap": {name: [AP per resample]}}."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with _quiet():
-        coco = COCO(gt_json)
-    evals = {}
-    for name, path in results.items():
-        with open(path) as f:
-            dets = json.load(f)
-        with _quiet():
-            e = COCOeval(coco, coco.loadRes(dets) if dets else COCO(), "bbox")
-            e.params.areaRng, e.params.areaRngLbl, e.params.maxDets = [[0, 1e10]], ["all"], [100]
-            e.evaluate()
-        evals[name] = (e, list(e.evalImgs))
-    img_ids = list(evals[next(iter(evals))][0].params.imgIds)
-    num_imgs, rng = len(img_ids), np.random.default_rng(seed)
-    out = {name: [] for name in results}
-    for _ in range(num):
-        pick = rng.integers(num_imgs, size=num_imgs)
-        for name, (e, full) in evals.items():
-            num_cats = len(e.params.catIds)
-            e.evalImgs = [full[k * num_imgs + i] for k in range(num_cats) for i in pick]
-            e.params.imgIds = [img_ids[i] for i in pick]
-            e._paramsEval = copy.deepcopy(e.params)
-            with _quiet():
-                e.accumulate()
-            precision = e.eval["precision"][..., 0, 0]  # (IoU, recall, class)
-            valid = precision > -1
-            out[name].append(100 * float(precision[valid].mean()) if valid.any() else float("nan"))
-    return {"ap": out}
-
-
-# ----------------------------------------------------------------------------------------------
-# pretraining (the stand-in for ImageNet)
+def pretrain_backbones(output: str, size: dict) -> None:
+    """``output/pretrained/R-18-synthetic.pkl`` and ``R-50-synthetic.pkl``, unless there."""
+    for file_name, depth, _ in BACKBONES:
+        path = os.path.join(output, "pretrained", file_name)
+        if os.path.isfile(path):
+            say(f"2/6 pretrained ResNet-{depth}: reusing {path}")
+            continue
+        t = time.time()
+        steps = size["pretrain_steps"]
+        acc = pretrain_backbone(depth, path, steps, size["pretrain_size"])
+        say(
+            f"2/6 pretrained ResNet-{depth} on the synthetic classification task in "
+            f"{time.time() - t:.0f} s ({steps} steps): {100 * acc:.1f}% accuracy on 30 classes"
+        )
 
 
 def pretrain_backbone(depth: int, path: str, steps: int, size: int, batch: int = 64, seed=0):
@@ -269,7 +215,7 @@ def pretrain_backbone(depth: int, path: str, steps: int, size: int, batch: int =
 
 
 # ----------------------------------------------------------------------------------------------
-# detection runs
+# stages 3 and 4: detection runs
 
 
 def build_cfg(config, output, data_dir, split, opts: Sequence[str], teacher_opts=(), **over):
@@ -301,13 +247,6 @@ def build_cfg(config, output, data_dir, split, opts: Sequence[str], teacher_opts
     return cfg
 
 
-def train_seconds_per_iter(output_dir: str) -> float:
-    """Median of detectron2's per-iteration training time (s) over all logged windows."""
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        times = [r["time"] for r in map(json.loads, f) if "time" in r]
-    return statistics.median(times) if times else float("nan")
-
-
 def train_and_evaluate(cfg, threads: int = 0, log_file: Optional[str] = None) -> dict:
     """Train one model with the product's Trainer (as tools/train_net.py does) and return the
     final COCO evaluation on ``cfg.DATASETS.TEST[0]`` with the training time per iteration.
@@ -324,7 +263,7 @@ def train_and_evaluate(cfg, threads: int = 0, log_file: Optional[str] = None) ->
     results = trainer.train()
     return {
         "bbox": dict(results["bbox"]),
-        "train_s_per_iter": train_seconds_per_iter(cfg.OUTPUT_DIR),
+        "train_s_per_iter": seconds_per_iter(cfg.OUTPUT_DIR),
     }
 
 
@@ -332,17 +271,121 @@ def evaluate(cfg) -> dict:
     """The final COCO evaluation of a trained model on ``cfg.DATASETS.TEST[0]``."""
     model = load_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
     bbox = dict(Trainer.test(cfg, model)["bbox"])
-    return {"bbox": bbox, "train_s_per_iter": train_seconds_per_iter(cfg.OUTPUT_DIR)}
+    return {"bbox": bbox, "train_s_per_iter": seconds_per_iter(cfg.OUTPUT_DIR)}
 
 
-def results_file(cfg) -> str:
-    return os.path.join(
-        cfg.OUTPUT_DIR, "inference", cfg.DATASETS.TEST[0], "coco_instances_results.json"
+def run_all(cfgs: List, jobs: int, threads: int = 0) -> List[dict]:
+    """:func:`train_and_evaluate` every config: in this process (jobs 1, detectron2's logs on
+    stdout) or in ``jobs`` processes with ``threads`` (default ``cpu_count // jobs``) threads
+    each (logs in log_workers.txt)."""
+    if jobs <= 1:
+        out = []
+        for i, cfg in enumerate(cfgs):
+            say(f"  run {i + 1}/{len(cfgs)}: {os.path.basename(cfg.OUTPUT_DIR)}")
+            out.append(train_and_evaluate(cfg))
+        return out
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        log = os.path.join(os.path.dirname(cfgs[0].OUTPUT_DIR), "log_workers.txt")
+        futures = [pool.submit(train_and_evaluate, cfg, threads, log) for cfg in cfgs]
+        out = []
+        for cfg, fut in zip(cfgs, futures):
+            out.append(fut.result())
+            say(f"  {os.path.basename(cfg.OUTPUT_DIR)}: {out[-1]['bbox']['AP']:.2f} AP")
+        return out
+
+
+def train_teacher(args, size: dict):
+    """Stage 3: the teacher's config and its evaluation on ``args.eval_split``: trained, or
+    reused from ``output/teacher/model_final.pth`` (unless ``--retrain-teacher``)."""
+    tcfg = build_cfg(
+        TEACHER[1],
+        args.output,
+        args.data,
+        args.eval_split,
+        size["overrides"] + list(args.teacher_opts),
+        name="teacher",
     )
+    DatasetCatalog.get(tcfg.DATASETS.TEST[0])  # loads the JSON, which sets thing_classes
+    colours = [COLOURS[c] for _, c in class_names(tcfg.MODEL.ROI_HEADS.NUM_CLASSES)]
+    MetadataCatalog.get(tcfg.DATASETS.TEST[0]).set(thing_colors=colours)
+    final = os.path.join(tcfg.OUTPUT_DIR, "model_final.pth")
+    t = time.time()
+    if os.path.isfile(final) and not args.retrain_teacher:
+        say(f"3/6 teacher: reusing {final}")
+        teacher = evaluate(tcfg)
+    else:
+        say(f"3/6 training the teacher: {tcfg.SOLVER.MAX_ITER} iterations")
+        teacher = train_and_evaluate(tcfg)
+    say(f"teacher: {teacher['bbox']['AP']:.2f} AP on {args.eval_split} ({time.time() - t:.0f} s)")
+    return tcfg, teacher
+
+
+def train_students(args, size: dict, variants: Sequence, seeds: Sequence[int]) -> Dict:
+    """Stage 4: every (variant, config) of ``variants`` with every seed, trained and evaluated
+    (:func:`run_all`). Returns {(variant, seed): (cfg, result)}, seed-major as trained."""
+    runs = [(v, c, s) for s in seeds for v, c in variants]
+    cfgs = [
+        build_cfg(
+            c,
+            args.output,
+            args.data,
+            args.eval_split,
+            size["overrides"] + list(args.opts),
+            size["overrides"] + list(args.teacher_opts),
+            name=f"{v}_seed{s}",
+            seed=s,
+        )
+        for v, c, s in runs
+    ]
+    iters = cfgs[0].SOLVER.MAX_ITER
+    say(f"4/6 students: {len(variants)} variants x {len(seeds)} paired seeds, {iters} iterations")
+    t = time.time()
+    results = run_all(cfgs, args.jobs, args.threads)
+    say(f"students trained and evaluated in {(time.time() - t) / 60:.1f} min")
+    return {(v, s): (cfg, r) for (v, _, s), cfg, r in zip(runs, cfgs, results)}
 
 
 # ----------------------------------------------------------------------------------------------
-# pictures
+# stage 5: statistics, cost, pictures
+
+
+def compare(by: Dict, variants, seeds, teacher_ap: float, gt_json: str, bootstrap: int) -> dict:
+    """AP per seed, mean and sd of every variant, the paired differences of
+    :data:`DIFFERENCES` with their 95% intervals, the evaluation noise of DKD - plain (a
+    bootstrap of ``bootstrap`` resamples of the test images ``gt_json``, seed 0's runs; None
+    for 0) and the verdict (one sentence each)."""
+    per_variant = {}
+    for v in variants:
+        aps = [by[v, s][1]["bbox"]["AP"] for s in seeds]
+        per_variant[v] = {"ap": aps, **mean_sd(aps)}
+    differences = {
+        f"{a} - {b}": paired_difference(per_variant[a]["ap"], per_variant[b]["ap"])
+        for a, b in DIFFERENCES
+        if a in per_variant and b in per_variant
+    }
+    verdict = [describe(*name.split(" - "), d) for name, d in differences.items()]
+    lead = teacher_ap - per_variant["plain"]["mean"]
+    verdict.append(f"The teacher leads the plain student by {lead:.2f} AP.")
+    noise = None
+    if bootstrap > 0:
+        dkd, plain = (results_file(by[v, seeds[0]][0]) for v in ("DKD", "plain"))
+        noise = bootstrap_difference(gt_json, dkd, plain, bootstrap)
+    return {
+        "variants": per_variant,
+        "differences": differences,
+        "evaluation_noise": noise,
+        "verdict": verdict,
+    }
+
+
+def trained_models(tcfg, student_cfg) -> Dict:
+    """{"teacher R-50-FPN": (cfg, model), "student R-18-FPN": (cfg, model)}, each loaded
+    strictly from its run's model_final.pth, in eval mode."""
+    return {
+        name: (cfg, load_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth")))
+        for name, cfg in (("teacher R-50-FPN", tcfg), ("student R-18-FPN", student_cfg))
+    }
 
 
 def _inputs(cfg, records):
@@ -357,13 +400,34 @@ def _inputs(cfg, records):
 @torch.no_grad()
 def inference_ms(cfg, model, records, warmup: int = 3) -> float:
     """Median inference latency per image (ms), batch 1, after ``warmup`` images."""
-    times = []
-    for i, (_, x) in enumerate(_inputs(cfg, records)):
-        start = time.perf_counter()
-        model([x])
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
+    times = [time_ms(lambda: model([x])) for _, x in _inputs(cfg, records)][warmup:]
     return statistics.median(times) if times else float("nan")
+
+
+def measure_cost(models: Dict, by: Dict, teacher: dict, variants: Sequence[str], seeds, records):
+    """Parameters, training s/iter (median over the seeds) and inference ms/image of the
+    teacher and the student, and the training step of each distillation variant.
+
+    Args:
+        models: {"teacher R-50-FPN": (cfg, model), "student R-18-FPN": (cfg, model)}.
+    """
+    cost = {}
+    for name, (cfg, model) in models.items():
+        train_s = [r["train_s_per_iter"] for (v, s), (_, r) in by.items() if v == "plain"]
+        cost[name] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_s_per_iter": (
+                teacher["train_s_per_iter"] if "teacher" in name else statistics.median(train_s)
+            ),
+            "inference_ms": inference_ms(cfg, model, records[:20]),
+        }
+    for v in variants[1:]:
+        cost[f"{v} step (student + teacher)"] = {
+            "parameters": cost["student R-18-FPN"]["parameters"],
+            "train_s_per_iter": statistics.median(by[v, s][1]["train_s_per_iter"] for s in seeds),
+            "inference_ms": cost["student R-18-FPN"]["inference_ms"],
+        }
+    return cost
 
 
 @torch.no_grad()
@@ -389,124 +453,62 @@ def draw_detections(cfg, teacher, student, records, path, threshold=0.5) -> None
     cv2.imwrite(path, np.concatenate(rows, axis=0)[:, :, ::-1])
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_losses(runs: Dict[str, str], path: str) -> None:
-    """Training curves from each run's metrics.json: detection losses and distillation terms."""
-    plt = _pyplot()
-    keys = [
-        ("total_loss", "total loss"),
-        ("loss_cls", "loss_cls (box classification)"),
-        ("loss_box_reg", "loss_box_reg"),
-        ("distill", "distillation: loss_kd / loss_dkd, dkd/tckd, dkd/nckd"),
-    ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for name, out in runs.items():
-        with open(os.path.join(out, "metrics.json")) as f:
-            records = [r for r in map(json.loads, f) if "total_loss" in r]
-        it = [r["iteration"] for r in records]
-        for ax, (key, _) in zip(axes, keys):
-            names = ("loss_kd", "loss_dkd", "dkd/tckd", "dkd/nckd") if key == "distill" else (key,)
-            for k in names:
-                if records and k in records[0]:
-                    label = f"{name}: {k}" if key == "distill" else name
-                    ax.plot(it, [r[k] for r in records], marker=".", label=label)
-    for ax, (_, title) in zip(axes, keys):
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def plot_ap(per_variant: Dict[str, List[float]], teacher_ap: float, path: str) -> None:
-    """AP per variant: every seed a dot (seeds joined across variants, they are paired), the
-    mean with its 95% interval as a bar; the teacher as a dashed line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(per_variant)
-    for x, name in enumerate(names):
-        aps = per_variant[name]
-        s = mean_sd(aps)
-        half = t_quantile(0.975, s["n"] - 1) * s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else 0
-        ax.errorbar(
-            [x + 0.15], [s["mean"]], yerr=[[half], [half]], fmt="s", color="black", capsize=6
-        )
-        ax.scatter([x - 0.1] * len(aps), aps, color="tab:blue", zorder=3)
-    for k in range(len(per_variant[names[0]])):
-        ax.plot(
-            [x - 0.1 for x in range(len(names))],
-            [per_variant[n][k] for n in names],
-            color="tab:blue",
-            alpha=0.3,
-        )
-    ax.axhline(teacher_ap, color="tab:red", linestyle="--", label=f"teacher {teacher_ap:.2f}")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("COCO box AP (test split)")
-    ax.set_title(
-        "every seed (dots, paired seeds joined); mean and 95% CI (square, bar)", fontsize=8
+def draw_pictures(output: str, by: Dict, variants, seeds, teacher_ap, tcfg, models, records):
+    """ap_per_seed.png, losses.png (the teacher and seed 0 of every variant) and
+    detections.png (teacher and DKD student on the first 3 evaluated images)."""
+    plot_ap_per_seed(
+        {v: [by[v, s][1]["bbox"]["AP"] for s in seeds] for v in variants},
+        os.path.join(output, "ap_per_seed.png"),
+        reference=("teacher", teacher_ap),
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plot_losses(
+        {
+            "teacher": tcfg.OUTPUT_DIR,
+            **{f"{v} seed {seeds[0]}": by[v, seeds[0]][0].OUTPUT_DIR for v in variants},
+        },
+        os.path.join(output, "losses.png"),
+    )
+    draw_detections(
+        models["student R-18-FPN"][0],
+        models["teacher R-50-FPN"][1],
+        models["student R-18-FPN"][1],
+        records[:3],
+        os.path.join(output, "detections.png"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
-# report
-
-
-def _fmt(x: Optional[float], spec: str = ".2f") -> str:
-    return "-" if x is None or x != x else format(x, spec)
+# stage 6: report
 
 
 def write_report(report: dict, output: str) -> str:
     """report.json and report.md; returns the markdown that is also printed."""
-    variants, seeds = report["variants"], report["seeds"]
-    lines = [
-        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd |",
-        "|---|" + "---|" * (len(seeds) + 2),
-    ]
-    for name, v in variants.items():
-        cells = [_fmt(ap) for ap in v["ap"]] + [_fmt(v["mean"]), _fmt(v["sd"])]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seeds = report["seeds"]
+    lines = seed_table(report["variants"], seeds)
     t = report["teacher"]
-    lines.append(f"| teacher R-50-FPN | {_fmt(t['ap'])} (one model) |" + " |" * (len(seeds) + 1))
-    diffs = ["| paired difference | mean | 95% CI | per seed |", "|---|---|---|---|"]
-    for name, d in report["differences"].items():
-        ci = f"[{_fmt(d['ci_low'], '+.2f')}, {_fmt(d['ci_high'], '+.2f')}]"
-        per_seed = ", ".join(_fmt(x, "+.2f") for x in d["diffs"])
-        diffs.append(f"| {name} | {_fmt(d['mean'], '+.2f')} | {ci} | {per_seed} |")
+    lines.append(f"| teacher R-50-FPN | {fmt(t['ap'])} (one model) |" + " |" * (len(seeds) + 1))
     noise = report.get("evaluation_noise")
     noise_md = ""
     if noise:
         noise_md = (
             f"Evaluation noise (bootstrap over the {noise['num_images']} {report['split']} images, "
             f"{noise['resamples']} resamples, seed {seeds[0]}): sd of one model's AP "
-            f"{_fmt(noise['sd_ap'])}; sd of the paired difference DKD - plain "
-            f"{_fmt(noise['sd_diff'])} AP (seed-to-seed sd of that difference: "
-            f"{_fmt(report['differences']['DKD - plain']['sd'])}).\n\n"
+            f"{fmt(noise['sd_ap'])}; sd of the paired difference DKD - plain "
+            f"{fmt(noise['sd_diff'])} AP (seed-to-seed sd of that difference: "
+            f"{fmt(report['differences']['DKD - plain']['sd'])}).\n\n"
         )
     cost = ["| model | parameters | train s/iter | infer ms/img |", "|---|---|---|---|"]
     for name, c in report["cost"].items():
         cost.append(
-            f"| {name} | {c['parameters'] / 1e6:.2f}M | {_fmt(c['train_s_per_iter'], '.3f')} "
-            f"| {_fmt(c['inference_ms'], '.1f')} |"
+            f"| {name} | {c['parameters'] / 1e6:.2f}M | {fmt(c['train_s_per_iter'], '.3f')} "
+            f"| {fmt(c['inference_ms'], '.1f')} |"
         )
     body = (
         f"COCO box AP (percent) on the **{report['split']}** split "
         f"({report['num_eval_images']} images), students R-18-FPN, teacher R-50-FPN.\n\n"
         + "\n".join(lines)
         + "\n\n"
-        + "\n".join(diffs)
+        + "\n".join(difference_table(report["differences"]))
         + "\n\n"
         + noise_md
         + "**Verdict.** "
@@ -536,166 +538,36 @@ def write_report(report: dict, output: str) -> str:
 # the pipeline
 
 
-def _run_all(cfgs: List, jobs: int, threads: int = 0) -> List[dict]:
-    """Train and evaluate every config: in this process (jobs 1, detectron2's logs on stdout)
-    or in ``jobs`` processes with ``threads`` (default ``cpu_count // jobs``) threads each
-    (logs in log_workers.txt)."""
-    if jobs <= 1:
-        out = []
-        for i, cfg in enumerate(cfgs):
-            say(f"  run {i + 1}/{len(cfgs)}: {os.path.basename(cfg.OUTPUT_DIR)}")
-            out.append(train_and_evaluate(cfg))
-        return out
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        log = os.path.join(os.path.dirname(cfgs[0].OUTPUT_DIR), "log_workers.txt")
-        futures = [pool.submit(train_and_evaluate, cfg, threads, log) for cfg in cfgs]
-        out = []
-        for cfg, fut in zip(cfgs, futures):
-            out.append(fut.result())
-            say(f"  {os.path.basename(cfg.OUTPUT_DIR)}: {out[-1]['bbox']['AP']:.2f} AP")
-        return out
-
-
 def run(args) -> dict:
-    """The whole pipeline; returns the report (also written to ``args.output``)."""
+    """The whole pipeline, stage after stage; returns the report (also written to
+    ``args.output``)."""
     size = QUICK if args.quick else FULL
     start = time.time()
-    output, data_dir, split = args.output, args.data, args.eval_split
+    output, seeds = args.output, list(range(args.seeds))
     os.makedirs(output, exist_ok=True)
     for name in ("detectron2", "dkd_det"):
         setup_logger(output=os.path.join(output, "log.txt"), name=name)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    seeds = list(range(args.seeds))
-    student_opts = size["overrides"] + list(args.opts)
-    teacher_opts = size["overrides"] + list(args.teacher_opts)
 
-    if os.path.isfile(os.path.join(data_dir, "test.json")):
-        say(f"1/6 data: reusing {data_dir}")
-    else:
-        n = (size["num_train"], size["num_val"], size["num_test"])
-        say(f"1/6 data: writing {n[0]} train, {n[1]} val, {n[2]} test images to {data_dir}")
-        generate(data_dir, *n, image_size=size["image_size"])
-
-    for file_name, depth, _ in BACKBONES:
-        path = os.path.join(output, "pretrained", file_name)
-        if os.path.isfile(path):
-            say(f"2/6 pretrained ResNet-{depth}: reusing {path}")
-            continue
-        t = time.time()
-        steps = size["pretrain_steps"]
-        acc = pretrain_backbone(depth, path, steps, size["pretrain_size"])
-        say(
-            f"2/6 pretrained ResNet-{depth} on the synthetic classification task in "
-            f"{time.time() - t:.0f} s ({steps} steps): {100 * acc:.1f}% accuracy on 30 classes"
-        )
-
-    tcfg = build_cfg(TEACHER[1], output, data_dir, split, teacher_opts, name="teacher")
-    DatasetCatalog.get(tcfg.DATASETS.TEST[0])  # loads the JSON, which sets thing_classes
-    colours = [COLOURS[c] for _, c in class_names(tcfg.MODEL.ROI_HEADS.NUM_CLASSES)]
-    MetadataCatalog.get(tcfg.DATASETS.TEST[0]).set(thing_colors=colours)
-    final = os.path.join(tcfg.OUTPUT_DIR, "model_final.pth")
-    t = time.time()
-    if os.path.isfile(final) and not args.retrain_teacher:
-        say(f"3/6 teacher: reusing {final}")
-        teacher = evaluate(tcfg)
-    else:
-        say(f"3/6 training the teacher: {tcfg.SOLVER.MAX_ITER} iterations")
-        teacher = train_and_evaluate(tcfg)
-    say(f"teacher: {teacher['bbox']['AP']:.2f} AP on {split} ({time.time() - t:.0f} s)")
-
+    prepare_data(args.data, size)
+    pretrain_backbones(output, size)
+    tcfg, teacher = train_teacher(args, size)
     variant_list = VARIANTS + ([REVIEWKD] if args.reviewkd else [])
-    runs = [(v, c, s) for s in seeds for v, c in variant_list]
-    cfgs = [
-        build_cfg(
-            c, output, data_dir, split, student_opts, teacher_opts, name=f"{v}_seed{s}", seed=s
-        )
-        for v, c, s in runs
-    ]
-    iters = cfgs[0].SOLVER.MAX_ITER
-    n = len(variant_list)
-    say(f"4/6 students: {n} variants x {len(seeds)} paired seeds, {iters} iterations")
-    t = time.time()
-    results = _run_all(cfgs, args.jobs, args.threads)
-    say(f"students trained and evaluated in {(time.time() - t) / 60:.1f} min")
+    by = train_students(args, size, variant_list, seeds)
 
     say("5/6 statistics, evaluation noise, inference time and pictures")
-    by = {(v, s): (cfg, r) for (v, _, s), cfg, r in zip(runs, cfgs, results)}
-    variants = {}
-    for v, _ in variant_list:
-        aps = [by[v, s][1]["bbox"]["AP"] for s in seeds]
-        variants[v] = {"ap": aps, **mean_sd(aps)}
-    differences = {
-        f"{a} - {b}": paired_difference(variants[a]["ap"], variants[b]["ap"])
-        for a, b in (("DKD", "plain"), ("DKD", "KD"), ("KD", "plain"))
-        + ((REVIEWKD[0], "DKD"), (REVIEWKD[0], "plain"))
-        if a in variants and b in variants
-    }
-    verdict = [describe(*name.split(" - "), d) for name, d in differences.items()]
-    lead = teacher["bbox"]["AP"] - variants["plain"]["mean"]
-    verdict.append(f"The teacher leads the plain student by {lead:.2f} AP.")
-    noise = None
-    if args.bootstrap > 0:
-        gt = MetadataCatalog.get(tcfg.DATASETS.TEST[0]).json_file
-        files = {v: results_file(by[v, seeds[0]][0]) for v in ("DKD", "plain")}
-        boot = bootstrap_ap(gt, files, args.bootstrap)["ap"]
-        diff = [a - b for a, b in zip(boot["DKD"], boot["plain"])]
-        noise = {
-            "num_images": len(DatasetCatalog.get(tcfg.DATASETS.TEST[0])),
-            "resamples": args.bootstrap,
-            "sd_ap": statistics.stdev(boot["DKD"]),
-            "sd_diff": statistics.stdev(diff),
-        }
-
+    variants = [v for v, _ in variant_list]
+    gt_json = MetadataCatalog.get(tcfg.DATASETS.TEST[0]).json_file
+    stats = compare(by, variants, seeds, teacher["bbox"]["AP"], gt_json, args.bootstrap)
     records = DatasetCatalog.get(tcfg.DATASETS.TEST[0])
-    student_cfg, _ = by["DKD", seeds[0]]
-    models = {
-        "teacher R-50-FPN": (tcfg, load_student(tcfg, final)),
-        "student R-18-FPN": (
-            student_cfg,
-            load_student(student_cfg, os.path.join(student_cfg.OUTPUT_DIR, "model_final.pth")),
-        ),
-    }
-    cost = {}
-    for name, (cfg, model) in models.items():
-        train_s = [r["train_s_per_iter"] for (v, s), (_, r) in by.items() if v == "plain"]
-        cost[name] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "train_s_per_iter": (
-                teacher["train_s_per_iter"] if "teacher" in name else statistics.median(train_s)
-            ),
-            "inference_ms": inference_ms(cfg, model, records[:20]),
-        }
-    for v, _ in variant_list[1:]:
-        cost[f"{v} step (student + teacher)"] = {
-            "parameters": cost["student R-18-FPN"]["parameters"],
-            "train_s_per_iter": statistics.median(by[v, s][1]["train_s_per_iter"] for s in seeds),
-            "inference_ms": cost["student R-18-FPN"]["inference_ms"],
-        }
-    plot_ap(
-        {v: variants[v]["ap"] for v, _ in variant_list},
-        teacher["bbox"]["AP"],
-        os.path.join(output, "ap_per_seed.png"),
-    )
-    plot_losses(
-        {
-            "teacher": tcfg.OUTPUT_DIR,
-            **{f"{v} seed {seeds[0]}": by[v, seeds[0]][0].OUTPUT_DIR for v, _ in variant_list},
-        },
-        os.path.join(output, "losses.png"),
-    )
-    draw_detections(
-        student_cfg,
-        models["teacher R-50-FPN"][1],
-        models["student R-18-FPN"][1],
-        records[:3],
-        os.path.join(output, "detections.png"),
-    )
+    models = trained_models(tcfg, by["DKD", seeds[0]][0])
+    cost = measure_cost(models, by, teacher, variants, seeds, records)
+    draw_pictures(output, by, variants, seeds, teacher["bbox"]["AP"], tcfg, models, records)
 
     say("6/6 report")
     report = {
         "quick": args.quick,
-        "split": split,
+        "split": args.eval_split,
         "num_eval_images": len(records),
         "seeds": seeds,
         "settings": {"student_opts": list(args.opts), "teacher_opts": list(args.teacher_opts)},
@@ -704,7 +576,7 @@ def run(args) -> dict:
             "bbox": teacher["bbox"],
             "evaluator_output": results_file(tcfg),
         },
-        "variants": variants,
+        "variants": stats["variants"],
         "runs": [
             {
                 "variant": v,
@@ -714,11 +586,10 @@ def run(args) -> dict:
                 "train_s_per_iter": by[v, s][1]["train_s_per_iter"],
                 "evaluator_output": results_file(by[v, s][0]),
             }
-            for v, c, s in runs
+            for s in seeds
+            for v, c in variant_list
         ],
-        "differences": differences,
-        "evaluation_noise": noise,
-        "verdict": verdict,
+        **{k: stats[k] for k in ("differences", "evaluation_noise", "verdict")},
         "cost": cost,
         "wall_seconds": time.time() - start,
     }
