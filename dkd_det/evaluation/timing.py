@@ -102,7 +102,8 @@ def peak_rss_mib(fn: Callable[[], object], device: str = "cpu") -> float:
     """Peak resident memory (MiB) of the process while ``fn`` runs, above what was resident
     before: unlike torch's profiler it also sees other libraries' allocations (ONNX Runtime).
     Linux: resets the high-water mark through /proc/self/clear_refs; elsewhere, and on a GPU,
-    :func:`peak_mib` (tensor memory)."""
+    :func:`peak_mib` (tensor memory). What ``fn`` returns is kept alive until the memory has
+    been read (the kernel may update the high-water mark only lazily, on unmapping)."""
     if str(device).startswith("cuda") or not os.path.exists("/proc/self/clear_refs"):
         return peak_mib(fn, device)
 
@@ -113,8 +114,10 @@ def peak_rss_mib(fn: Callable[[], object], device: str = "cpu") -> float:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS:")
-    fn()
-    return (status("VmHWM:") - before) / 1024
+    out = fn()
+    peak = max(status("VmHWM:"), status("VmRSS:"))
+    del out
+    return (peak - before) / 1024
 
 
 def device_description(device: str) -> str:
