@@ -8,7 +8,7 @@ from detectron2.config import get_cfg
 from .checkpoint import add_checkpoint_config, merge_config_file
 from .distill import add_distill_config, explain_unknown_key, load_plugins
 
-__all__ = ["add_dkd_config", "get_dkd_cfg", "student_cfg", "uses_teacher"]
+__all__ = ["add_dkd_config", "distill_cfg", "get_dkd_cfg", "student_cfg", "uses_teacher"]
 
 
 def add_dkd_config(cfg):
@@ -106,6 +106,34 @@ def uses_teacher(cfg: CN) -> bool:
     """Whether ``cfg`` trains against a teacher: ``MODEL.DISTILL.TERMS`` lists a term."""
     distill = cfg.MODEL.get("DISTILL", None)
     return distill is not None and len(distill.TERMS) > 0
+
+
+def distill_cfg(cfg: CN, terms) -> CN:
+    """A copy of the student config ``cfg`` (a dkd-det config) that trains with the
+    distillation ``terms`` (registered names, in order; empty: the plain student): the
+    meta-architecture becomes ``DistillationRCNN`` and detectron2's ``StandardROIHeads`` its
+    ``DistillROIHeads`` when a term reads the student's box logits. The teacher is whatever
+    ``cfg.MODEL.TEACHER`` says. The counterpart of :func:`student_cfg`; not frozen."""
+    from .distill import registered_terms
+
+    out = cfg.clone()
+    out.defrost()
+    terms = [t.upper() for t in terms]
+    out.MODEL.DISTILL.TERMS = terms
+    if not terms:
+        return out
+    known = registered_terms()
+    unknown = [t for t in terms if t not in known]
+    if unknown:
+        raise KeyError(
+            f"Unknown distillation term(s) {unknown}; the registered terms are {sorted(known)} "
+            "(DISTILL_TERM_REGISTRY; an out-of-tree term is imported through DKD_DET_PLUGINS)."
+        )
+    out.MODEL.META_ARCHITECTURE = "DistillationRCNN"
+    reads_logits = any("student_logits" in known[t].reads for t in terms)
+    if reads_logits and out.MODEL.ROI_HEADS.NAME == "StandardROIHeads":
+        out.MODEL.ROI_HEADS.NAME = "DistillROIHeads"
+    return out
 
 
 def student_cfg(cfg: CN) -> CN:

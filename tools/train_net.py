@@ -9,6 +9,9 @@ torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --max-restarts 3 \\
     --config-file configs/COCO/dkd_r101_r18.yaml --dist-timeout 600  # and --node-rank 1 on HOST1
 """
 
+import json
+import os
+
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_setup
@@ -44,6 +47,8 @@ def main(args):
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
+            with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+                json.dump(res, f, indent=2)  # {task: {metric: value}}, e.g. for tools/compare.py
         return res
     trainer = Trainer(cfg)
     resume_or_load(trainer, resume=args.resume)  # also resumes when torchrun restarted the job

@@ -5,18 +5,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .runs import read_metrics
 from .stats import mean_sd, t_half_width
 
-__all__ = ["plot_ap_per_seed", "plot_losses", "LOSS_PANELS"]
+__all__ = ["plot_ap_per_seed", "plot_losses", "LOSS_PANELS", "DETECTION_LOSSES"]
 
-# (panel title, metrics.json keys drawn in it) for detectron2's Faster R-CNN and dkd-det's
-# distillation terms.
-LOSS_PANELS: List[Tuple[str, Sequence[str]]] = [
+# detectron2's own losses (R-CNN, RPN, mask head); any other loss_* a run logs is a
+# distillation term's.
+DETECTION_LOSSES = ("loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_mask")
+# (panel title, metrics.json keys drawn in it; None: every distillation loss the run logged)
+LOSS_PANELS: List[Tuple[str, Optional[Sequence[str]]]] = [
     ("total loss", ("total_loss",)),
     ("loss_cls (box classification)", ("loss_cls",)),
     ("loss_box_reg", ("loss_box_reg",)),
-    (
-        "distillation: loss_kd / loss_dkd, dkd/tckd, dkd/nckd",
-        ("loss_kd", "loss_dkd", "dkd/tckd", "dkd/nckd"),
-    ),
+    ("distillation losses (loss_dkd, loss_kd, loss_pkd, ...)", None),
 ]
 
 
@@ -76,7 +75,9 @@ def plot_ap_per_seed(
 
 
 def plot_losses(
-    runs: Dict[str, str], path: str, panels: Sequence[Tuple[str, Sequence[str]]] = LOSS_PANELS
+    runs: Dict[str, str],
+    path: str,
+    panels: Sequence[Tuple[str, Optional[Sequence[str]]]] = LOSS_PANELS,
 ) -> None:
     """Training curves against the iteration from each run's ``metrics.json``: one panel per
     ``(title, keys)`` of ``panels``, one line per run and key the run logged. Writes the PNG
@@ -91,10 +92,14 @@ def plot_losses(
     for name, out in runs.items():
         records = [r for r in read_metrics(out) if "total_loss" in r]
         it = [r["iteration"] for r in records]
-        for ax, (_, keys) in zip(axes, panels):
+        logged = list(records[0]) if records else []
+        for ax, (_, panel_keys) in zip(axes, panels):
+            keys = panel_keys
+            if keys is None:
+                keys = [k for k in logged if k.startswith("loss_") and k not in DETECTION_LOSSES]
             for k in keys:
                 if records and k in records[0]:
-                    label = f"{name}: {k}" if len(keys) > 1 else name
+                    label = f"{name}: {k}" if panel_keys is None or len(keys) > 1 else name
                     ax.plot(it, [r[k] for r in records], marker=".", label=label)
     for ax, (title, _) in zip(axes, panels):
         ax.set_title(title)

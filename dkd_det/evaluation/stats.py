@@ -42,8 +42,10 @@ def t_quantile(p: float, df: int) -> float:
 
 def mean_sd(values: Sequence[float]) -> Dict[str, float]:
     """``{"mean", "sd", "n"}`` of ``values``: sd is the sample standard deviation (n - 1),
-    NaN for one value."""
+    NaN for one value; both NaN if a value is NaN (COCO's APs of a set without small objects)."""
     values = list(values)
+    if any(v != v for v in values):
+        return {"mean": float("nan"), "sd": float("nan"), "n": len(values)}
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
 
