@@ -107,8 +107,10 @@ def test_compare_end_to_end_resumes_after_a_kill_and_reports_pycocotools_ap(
     kept = {d: os.path.getmtime(f"{out}/{d}/model_final.pth") for d in finished}
     assert len(kept) < 6
 
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, text=True, timeout=600,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"({len(kept)} finished ones reused)" in done.stdout
     for d, mtime in kept.items():  # finished runs were not retrained

@@ -2,9 +2,9 @@
 """Which distillation makes the best student on my data? Train every variant with every
 paired seed, evaluate on a test split, and report the differences with 95% intervals.
 
+W=detectron2://COCO-Detection/faster_rcnn_R_101_FPN_3x/137851257/model_final_f6e8b1.pkl
 python tools/compare.py --config-file configs/COCO/faster_rcnn_r18_fpn.yaml \\
-    --teacher-config COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml \\
-    --teacher-weights detectron2://COCO-Detection/faster_rcnn_R_101_FPN_3x/137851257/model_final_f6e8b1.pkl \\
+    --teacher-config COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml --teacher-weights $W \\
     --train data/train.json:data/train --val data/val.json:data/val \\
     --test data/test.json:data/test --variants plain kd dkd dkd+pkd --seeds 3 --iters 20000 \\
     --num-gpus 8 --output outputs/compare

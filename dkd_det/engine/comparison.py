@@ -100,8 +100,8 @@ def dataset_spec(split: str, spec: str):
             f"COCO-format annotation file and its image folder, e.g. data/{split}.json:data/"
             f"{split})."
         )
-    for path, exists, what in ((json_file, os.path.isfile, "file"), (image_root, os.path.isdir,
-                                                                      "folder")):  # fmt: skip
+    checks = [(json_file, os.path.isfile, "file"), (image_root, os.path.isdir, "folder")]
+    for path, exists, what in checks:
         if not exists(path):
             raise FileNotFoundError(f"--{split} {spec!r}: no such {what} {path!r}.")
     json_file = os.path.abspath(json_file)
@@ -122,8 +122,8 @@ def check_splits(names: Dict[str, str]) -> None:
         other = names.get(split)
         if other is None:
             continue
-        same = other == test or (_json_file(test) is not None and _json_file(test) ==
-                                 _json_file(other))  # fmt: skip
+        test_json = _json_file(test)
+        same = other == test or (test_json is not None and test_json == _json_file(other))
         if same:
             raise ValueError(
                 f"The test split ({test!r}, {_json_file(test)}) is also the {split} split "
