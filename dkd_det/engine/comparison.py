@@ -309,7 +309,7 @@ class Comparison:
             cmd += ["--eval-only"]
         return cmd
 
-    def _env(self, slot: int) -> Dict[str, str]:
+    def _env(self, slot: int, parallel: int = 0) -> Dict[str, str]:
         env = dict(os.environ)
         if self.num_gpus:
             first = slot * self.num_gpus
@@ -317,7 +317,7 @@ class Comparison:
                 str(i) for i in range(first, first + self.num_gpus)
             )
         else:
-            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            threads = str(max(1, (os.cpu_count() or 1) // (parallel or self.jobs)))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         return env
 
@@ -373,7 +373,7 @@ class Comparison:
     def _train(self, todo, say) -> Dict[str, dict]:
         results, running, failed = {}, {}, None
         free = list(range(self.jobs))
-        todo = list(todo)
+        todo, parallel = list(todo), min(self.jobs, len(todo))  # a lone run gets every core
         try:
             while todo or running:
                 while todo and free and failed is None:
@@ -385,7 +385,7 @@ class Comparison:
                     slot = free.pop(0)
                     proc = subprocess.Popen(
                         self._command(run), stdout=log, stderr=subprocess.STDOUT,
-                        env=self._env(slot),
+                        env=self._env(slot, parallel),
                     )  # fmt: skip
                     running[proc] = (run, slot, log, time.time(), state)
                 if failed is not None and not todo and not running:
