@@ -30,14 +30,29 @@ def add_dkd_config(cfg):
 
     _C.MODEL.TEACHER = CN()
     # The teacher's own detectron2 config: a model-zoo name such as
-    # "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml" or a path to a yaml file.
+    # "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml" or a path to a yaml file; or a LazyConfig
+    # .py file, e.g. the model-zoo "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py" (its
+    # ``model`` is instantiated). A .py file is code: only detectron2's packaged model-zoo ones
+    # are loaded unless DKD_DET_TRUST_FILES=1 (see dkd_det/checkpoint/safe_load.py).
     _C.MODEL.TEACHER.CONFIG_FILE = ""
     # The teacher's trained weights: a path, or a URL such as detectron2://...
-    # Required: training against a random teacher is always an error.
+    # Required: training against a random teacher is always an error. A LazyConfig teacher's
+    # checkpoint is what detectron2's LazyConfig trainer saves ({"model": state_dict, ...}).
     _C.MODEL.TEACHER.WEIGHTS = ""
-    # Overrides merged into the teacher's config, as KEY VALUE pairs:
-    # e.g. ["MODEL.ROI_HEADS.NUM_CLASSES", "20"].
+    # Overrides of the teacher's config. For a yaml config, KEY VALUE pairs merged into it:
+    # e.g. ["MODEL.ROI_HEADS.NUM_CLASSES", "20"]. For a LazyConfig .py, "key=value" strings as
+    # detectron2's LazyConfig.apply_overrides takes them: e.g. ["model.roi_heads.num_classes=20",
+    # "model.input_format='RGB'"].
     _C.MODEL.TEACHER.OPTS = []
+    # How a Cascade R-CNN teacher (CascadeROIHeads) scores the boxes of a student with one box
+    # head: "mean", as detectron2's CascadeROIHeads scores at inference (every stage's box head
+    # on the same boxes, their softmax probabilities averaged; handed to the logit terms as the
+    # logits log(mean probability), whose softmax is that mean), or "stage0", "stage1", ...
+    # (that stage's logits alone). A Faster R-CNN teacher has one stage ("mean" = "stage0").
+    # A Cascade student (DistillCascadeROIHeads) is distilled stage by stage instead: at stage
+    # k, a Cascade teacher's stage-k head (whatever this key says) or a Faster R-CNN teacher's
+    # one head scores the student's stage-k boxes.
+    _C.MODEL.TEACHER.CASCADE_SCORES = "mean"
     # How the teacher runs (what it computes is unchanged beyond precision; see README):
     # its forward passes under autocast to this dtype, "float32" (off), "bfloat16" or "float16",
     # whatever the student trains in; outputs are handed to the terms as float32.

@@ -118,6 +118,114 @@ def randomise_bn(model):
 # The teacher: the R-18 baseline config itself, random-init, in detectron2's .pth format.
 TEACHER_OPTS = ["MODEL.TEACHER.CONFIG_FILE", R18, "MODEL.TEACHER.OPTS", repr(TINY)]
 
+# Cascade R-CNN: the students' configs, and the R-18 config made a Cascade teacher.
+CASCADE_R18 = os.path.join(ROOT, "configs/COCO/cascade_rcnn_r18_fpn.yaml")
+DKD_CASCADE_R18 = os.path.join(ROOT, "configs/COCO/dkd_cascade50_cascade18.yaml")
+CASCADE = [
+    "MODEL.ROI_HEADS.NAME",
+    "CascadeROIHeads",
+    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+    "True",
+]
+CASCADE_TEACHER_OPTS = [
+    "MODEL.TEACHER.CONFIG_FILE",
+    R18,
+    "MODEL.TEACHER.OPTS",
+    repr(TINY + CASCADE),
+]
+
+# A LazyConfig teacher (.py): a tiny R-18-FPN Faster R-CNN, BGR with caffe-style ImageNet
+# normalisation (the student of configs/COCO/*_r18.yaml reads RGB), NUM_CLASSES classes.
+LAZY_TEACHER = f"""
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.backbone import FPN, BasicStem, ResNet
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
+from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads
+
+levels = ["p2", "p3", "p4", "p5"]
+model = L(GeneralizedRCNN)(
+    backbone=L(FPN)(
+        bottom_up=L(ResNet)(
+            stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
+            stages=L(ResNet.make_default_stages)(depth=18, norm="FrozenBN"),
+            out_features=["res2", "res3", "res4", "res5"],
+        ),
+        in_features="${{.bottom_up.out_features}}",
+        out_channels=64,
+        top_block=L(LastLevelMaxPool)(),
+    ),
+    proposal_generator=L(RPN)(
+        in_features=levels + ["p6"],
+        head=L(StandardRPNHead)(in_channels=64, num_anchors=3),
+        anchor_generator=L(DefaultAnchorGenerator)(
+            sizes=[[32], [64], [128], [256], [512]],
+            aspect_ratios=[0.5, 1.0, 2.0],
+            strides=[4, 8, 16, 32, 64],
+            offset=0.0,
+        ),
+        anchor_matcher=L(Matcher)(
+            thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True
+        ),
+        box2box_transform=L(Box2BoxTransform)(weights=[1.0, 1.0, 1.0, 1.0]),
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_topk=(300, 300),
+        post_nms_topk=(100, 100),
+        nms_thresh=0.7,
+    ),
+    roi_heads=L(StandardROIHeads)(
+        num_classes={NUM_CLASSES},
+        batch_size_per_image=64,
+        positive_fraction=0.25,
+        proposal_matcher=L(Matcher)(
+            thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False
+        ),
+        box_in_features=levels,
+        box_pooler=L(ROIPooler)(
+            output_size=7,
+            scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32),
+            sampling_ratio=0,
+            pooler_type="ROIAlignV2",
+        ),
+        box_head=L(FastRCNNConvFCHead)(
+            input_shape=ShapeSpec(channels=64, height=7, width=7), conv_dims=[], fc_dims=[128, 128]
+        ),
+        box_predictor=L(FastRCNNOutputLayers)(
+            input_shape=ShapeSpec(channels=128),
+            test_score_thresh=0.05,
+            box2box_transform=L(Box2BoxTransform)(weights=(10, 10, 5, 5)),
+            num_classes="${{..num_classes}}",
+        ),
+    ),
+    pixel_mean=[103.530, 116.280, 123.675],
+    pixel_std=[57.375, 57.120, 58.395],
+    input_format="BGR",
+)
+"""
+
+
+def save_lazy_teacher(folder, extra=""):
+    """Write LAZY_TEACHER (plus ``extra`` lines) to ``folder/lazy_teacher.py`` and its random
+    weights as detectron2's LazyConfig trainer saves them (DetectionCheckpointer:
+    ``{"model": state_dict, ...}``); returns (config path, weights path)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import LazyConfig, instantiate
+
+    config = os.path.join(str(folder), "lazy_teacher.py")
+    with open(config, "w") as f:
+        f.write(LAZY_TEACHER + extra)
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(config).model)
+    DetectionCheckpointer(model, save_dir=str(folder)).save("lazy_teacher")
+    return config, os.path.join(str(folder), "lazy_teacher.pth")
+
 
 def run_tool(script, *args, env=None, timeout=600):
     """Run ``tools/<script>`` as users do, in a process; returns CompletedProcess whose

@@ -185,10 +185,10 @@ def test_teacher_weights_of_another_architecture_name_the_keys(tmp_path):
 
 def test_model_zoo_teacher_url_fails_clearly_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no cached download
+    # The teacher's classes made the student's: a class-count mismatch is refused first.
+    opts = ["MODEL.TEACHER.OPTS", repr(TINY), "MODEL.TEACHER.WEIGHTS"]
     with pytest.raises(OSError, match="copy the file here and set MODEL.TEACHER.WEIGHTS"):
-        build_model(
-            make_cfg(DKD_R18, "MODEL.TEACHER.WEIGHTS", "https://127.0.0.1:9/no/model_final.pkl")
-        )
+        build_model(make_cfg(DKD_R18, *opts, "https://127.0.0.1:9/no/model_final.pkl"))
 
 
 @pytest.mark.parametrize(

@@ -599,3 +599,42 @@ def test_downloaded_files_are_checked_and_a_bad_one_deleted(https_server, teache
     from dkd_det.checkpoint import StrictCheckpointer
 
     StrictCheckpointer(model).load(f"{base}/plain.pth")
+
+
+def test_lazy_config_teacher_py_is_code_and_refused_unless_trusted(
+    tmp_path, marker, monkeypatch, caplog
+):
+    """A LazyConfig .py teacher runs when loaded: refused without DKD_DET_TRUST_FILES (nothing of
+    it runs), loaded with it and a warning; detectron2's packaged .py configs load as they are,
+    a copy of one elsewhere does not."""
+    from detectron2 import model_zoo
+
+    from dkd_det.checkpoint import UnsafeFileError
+    from dkd_det.modeling.teacher import get_teacher_cfg
+
+    from helpers import save_lazy_teacher
+
+    config, weights = save_lazy_teacher(tmp_path)  # written (and run) by the test itself
+    with open(config, "a") as f:
+        f.write(f"\nimport os\nos.system('touch {marker}')\n")
+    opts = ["MODEL.TEACHER.CONFIG_FILE", config, "MODEL.TEACHER.WEIGHTS", weights]
+    cfg = make_cfg(DKD_R18, *opts)
+    for load in (get_teacher_cfg, build_model):
+        with pytest.raises(UnsafeFileError) as e:
+            load(cfg)
+        message = str(e.value)
+        assert message.startswith(f"MODEL.TEACHER.CONFIG_FILE = '{config}': refused to load")
+        assert f"{TRUST}=1" in message and "Python code" in message
+    assert not marker.exists()
+    zoo = "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py"
+    assert get_teacher_cfg(make_cfg(DKD_R18, "MODEL.TEACHER.CONFIG_FILE", zoo)).model is not None
+    copy = shutil.copy(model_zoo.get_config_file("common/models/mask_rcnn_fpn.py"), tmp_path)
+    with pytest.raises(UnsafeFileError, match=f"{TRUST}=1"):
+        get_teacher_cfg(make_cfg(DKD_R18, "MODEL.TEACHER.CONFIG_FILE", copy))
+    monkeypatch.setenv(TRUST, "1")
+    caplog.set_level(logging.WARNING, logger="dkd_det")
+    teacher = build_model(cfg).teacher
+    assert marker.exists() and teacher is not None
+    assert f"{TRUST}=1: MODEL.TEACHER.CONFIG_FILE = '{config}' is loaded with LazyConfig" in (
+        caplog.text
+    )

@@ -14,7 +14,9 @@ file names. Here:
   ``find_class``, not torch's ``weights_only`` (which has a known bypass up to torch 2.5.1,
   CVE-2025-32434);
 - a config (and its ``_BASE_`` chain) is parsed with ``yaml.safe_load``; a python tag is an error
-  that names the file and the line.
+  that names the file and the line;
+- a LazyConfig ``.py`` file is Python code, never read as data: it is refused unless it is one of
+  detectron2's own model-zoo configs inside the installed package (:func:`load_lazy_config`).
 
 A user who trusts a file sets ``DKD_DET_TRUST_FILES=1`` (:data:`TRUST_ENV`): weights are then
 unpickled without restriction and configs may use python tags, and the log says so (a WARNING
@@ -52,6 +54,7 @@ __all__ = [
     "load_pickle_file",
     "load_torch_file",
     "load_weights_file",
+    "load_lazy_config",
     "merge_config_file",
 ]
 
@@ -387,3 +390,35 @@ def merge_config_file(cfg: CfgNode, config_file: str, key: str = "--config-file"
     # Every file that fails yaml.safe_load is one of detectron2's packaged configs (checked
     # above), so detectron2's fallback to yaml.unsafe_load can only reach those.
     cfg.merge_from_file(config_file, allow_unsafe=bool(checked.packaged_tags))
+
+
+def load_lazy_config(path: str, key: str, overrides=()) -> Any:
+    """``LazyConfig.load(path)`` with ``LazyConfig.apply_overrides(overrides)``, for a LazyConfig
+    ``.py`` file, which is Python code that loading runs.
+
+    detectron2's own model-zoo LazyConfigs inside the installed detectron2 package
+    (:func:`is_packaged_config`, as trusted as detectron2's code) are loaded as they are; any
+    other ``.py`` file is refused unless the user trusts files (``DKD_DET_TRUST_FILES=1``), and
+    then loaded with a WARNING that names it.
+
+    Args:
+        key: the config key ``path`` came from, named in errors.
+        overrides: ``"dotted.key=value"`` strings (detectron2's LazyConfig override syntax).
+
+    Raises:
+        UnsafeFileError: ``path`` is not a packaged config and files are not trusted (nothing
+            of it was run).
+    """
+    from detectron2.config import LazyConfig
+
+    if not is_packaged_config(path):
+        if not trusted():
+            raise UnsafeFileError(
+                f"{key} = {path!r}: refused to load: a LazyConfig .py file is Python code, and "
+                "loading it runs whatever it contains, on every process. dkd-det runs only "
+                "detectron2's own model-zoo LazyConfigs (give the model-zoo name, e.g. "
+                "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py) or a yaml config. If you trust "
+                f"this file, set {TRUST_ENV}=1 to load it."
+            )
+        _warn_trusted(path, key, "LazyConfig.load (it runs the file's Python code)")
+    return LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))

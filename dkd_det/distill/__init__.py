@@ -17,7 +17,13 @@ from .cwd import CWD
 from .dkd import DKD
 from .fgd import FGD
 from .kd import KD
-from .logits import LogitTerm, check_softmax_classifier, check_softmax_predictor
+from .logits import (
+    LogitTerm,
+    box_predictors,
+    check_softmax_classifier,
+    check_softmax_predictor,
+    classifier_flags,
+)
 from .mgd import MGD
 from .pkd import PKD
 from .reviewkd import ABF, ReviewKD
@@ -34,6 +40,8 @@ __all__ = [
     "explain_unknown_key",
     "check_softmax_classifier",
     "check_softmax_predictor",
+    "box_predictors",
+    "classifier_flags",
     "load_plugins",
     "registered_terms",
     "term_names",

@@ -71,6 +71,11 @@ class DistillInputs:
 
     Shapes: N images, R sampled regions over all images, K classes (+1 background).
 
+    For a Cascade R-CNN student (``DistillCascadeROIHeads``) a term that reads a box field is
+    called once per stage, with the box fields of that stage (its boxes, labels, the student's
+    stage logits and the teacher's logits for those boxes) and the same features; its losses are
+    renamed ``<name>_stage<k>``. A term need not know about stages.
+
     Attributes:
         images: the student's preprocessed batch (``images.tensor``: (N, 3, H, W)).
         student_features, teacher_features: ``{name: (N, C, H_l, W_l)}`` backbone outputs;
@@ -166,7 +171,8 @@ class DistillTerm(nn.Module):
     def check_config(cls, cfg: CN, teacher_cfg: CN) -> None:
         """Raise a clear error if the student's ``cfg`` or the teacher's ``teacher_cfg`` cannot
         train with this term; called before any model is built (checks of the built models
-        belong in ``from_config``)."""
+        belong in ``from_config``). ``teacher_cfg`` is a yacs ``CfgNode`` for a yaml teacher, an
+        omegaconf LazyConfig (its ``model`` node) for a ``.py`` one."""
 
     @classmethod
     def term_config(cls, cfg: CN) -> CN:

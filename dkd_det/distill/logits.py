@@ -2,12 +2,21 @@
 with a softmax over K+1 classes."""
 
 import logging
+from typing import List, Tuple
 
 import torch
+from detectron2.config import CfgNode
+from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 
 from .base import DistillTerm
 
-__all__ = ["LogitTerm", "check_softmax_classifier", "check_softmax_predictor"]
+__all__ = [
+    "LogitTerm",
+    "box_predictors",
+    "check_softmax_classifier",
+    "check_softmax_predictor",
+    "classifier_flags",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +47,35 @@ def check_softmax_predictor(predictor: torch.nn.Module, who: str) -> None:
     )
 
 
+def box_predictors(heads) -> List[torch.nn.Module]:
+    """The box predictors of built ROI heads, one per stage: ``CascadeROIHeads``' stages in order,
+    the one of ``StandardROIHeads``; [] for heads without a box predictor (or not ROI heads)."""
+    if isinstance(heads, CascadeROIHeads):
+        return list(heads.box_predictor)
+    if isinstance(heads, StandardROIHeads):
+        return [heads.box_predictor]
+    return []
+
+
+def classifier_flags(cfg) -> Tuple[bool, bool]:
+    """(use_sigmoid_ce, use_fed_loss) of a config's box classifier before it is built: a yacs
+    config's ``MODEL.ROI_BOX_HEAD`` keys, or for a LazyConfig (the teacher's ``.py``) the
+    arguments of ``model.roi_heads.box_predictor`` / ``box_predictors`` (any stage's)."""
+    if isinstance(cfg, CfgNode):
+        return cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE, cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
+    from omegaconf import OmegaConf
+
+    heads = OmegaConf.select(cfg, "model.roi_heads", default=None)
+    if heads is None:
+        return False, False
+    predictors = heads.get("box_predictors", None) or [heads.get("box_predictor", None)]
+    predictors = [p for p in predictors if p is not None and hasattr(p, "get")]
+    return (
+        any(bool(p.get("use_sigmoid_ce", False)) for p in predictors),
+        any(bool(p.get("use_fed_loss", False)) for p in predictors),
+    )
+
+
 class LogitTerm(DistillTerm):
     """A term on the (R, K+1) box classifier logits of student and teacher for the sampled
     boxes. Subclasses call :meth:`check_models` from their ``from_config``."""
@@ -48,15 +86,15 @@ class LogitTerm(DistillTerm):
     def check_config(cls, cfg, teacher_cfg) -> None:
         # Before detectron2 builds (or asserts on) the predictors.
         for who, c in (("the student", cfg), (_teacher(cfg), teacher_cfg)):
-            check_softmax_classifier(
-                c.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE, c.MODEL.ROI_BOX_HEAD.USE_FED_LOSS, who
-            )
+            check_softmax_classifier(*classifier_flags(c), who)
 
     @classmethod
     def check_models(cls, cfg, student, teacher) -> None:
-        """Both built box predictors are softmax classifiers (:func:`check_softmax_predictor`)."""
-        check_softmax_predictor(student.roi_heads.box_predictor, "the student")
-        check_softmax_predictor(teacher.roi_heads.box_predictor, _teacher(cfg))
+        """Every built box predictor of both (each stage's of a Cascade R-CNN) is a softmax
+        classifier (:func:`check_softmax_predictor`)."""
+        for who, model in (("the student", student), (_teacher(cfg), teacher)):
+            for predictor in box_predictors(model.roi_heads):
+                check_softmax_predictor(predictor, who)
 
 
 def _teacher(cfg) -> str:

@@ -1,22 +1,31 @@
 """The distillation meta-architecture: a student GeneralizedRCNN that owns a frozen teacher and
 the distillation terms."""
 
+import dataclasses
 from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
-from detectron2.structures import Boxes
+from detectron2.modeling.roi_heads import CascadeROIHeads
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..config import uses_teacher
 from ..distill import DistillInputs, build_distill_terms, check_distill_config
 from ..distill.base import BOX_FIELDS
+from .cascade import DistillCascadeROIHeads
 from .roi_heads import DistillROIHeads
-from .teacher import build_teacher, get_teacher_cfg, teacher_autocast
+from .teacher import (
+    build_teacher,
+    check_logit_teacher,
+    check_teacher_cfg,
+    get_teacher_cfg,
+    teacher_autocast,
+    teacher_box_logits,
+)
 
 __all__ = ["DistillationRCNN", "TRAINING_ONLY_PREFIXES"]
 
@@ -37,6 +46,17 @@ class DistillationRCNN(GeneralizedRCNN):
     sampled; it never runs its RPN, never samples, never computes a loss, never records an
     autograd graph. Each field of :class:`DistillInputs` is computed once for all terms; the
     student's box head runs once (its logits come from :class:`DistillROIHeads`).
+
+    A Cascade R-CNN teacher (``CascadeROIHeads``) scores a one-head student's boxes as
+    ``MODEL.TEACHER.CASCADE_SCORES`` says (the stages' mean probability, or one stage). A
+    Cascade student (:class:`DistillCascadeROIHeads`) is distilled stage by stage: the terms
+    that read a box field (``boxes``, ``gt_classes``, ``student_logits``, ``teacher_logits``)
+    are called once per stage k with that stage's boxes, labels and student logits and the
+    teacher's logits for exactly those boxes (a Cascade teacher's stage-k head, a Faster R-CNN
+    teacher's one head); their losses get detectron2's stage suffix (``loss_dkd_stage0``,
+    ``loss_dkd_stage1``, ...) and are summed into the total loss like the stages' own
+    ``loss_cls_stage<k>``, and what they log goes under ``stage<k>/`` (``stage1/dkd/tckd``).
+    Terms that read no box field are called once, with names unchanged.
 
     The teacher is deliberately not a submodule: it is not in ``state_dict()`` (checkpoints
     are student-only and load into a vanilla :class:`GeneralizedRCNN`), not in
@@ -69,31 +89,28 @@ class DistillationRCNN(GeneralizedRCNN):
         if len(terms) and teacher is None:
             raise ValueError("Distillation terms need a teacher.")
         reads = frozenset().union(*(t.reads for t in terms.values()))
-        if "student_logits" in reads and not isinstance(self.roi_heads, DistillROIHeads):
+        keeps = (DistillROIHeads, DistillCascadeROIHeads)
+        if "student_logits" in reads and not isinstance(self.roi_heads, keeps):
+            name = (
+                "DistillCascadeROIHeads"
+                if isinstance(self.roi_heads, CascadeROIHeads)
+                else "DistillROIHeads"
+            )
             raise ValueError(
                 f"MODEL.ROI_HEADS.NAME is {type(self.roi_heads).__name__}, but the terms "
                 f"{[n for n, t in terms.items() if 'student_logits' in t.reads]} read the "
-                "student's box logits, which DistillROIHeads keeps: set MODEL.ROI_HEADS.NAME "
-                "DistillROIHeads."
+                f"student's box logits, which {name} keeps: set MODEL.ROI_HEADS.NAME {name}."
             )
         if "teacher_logits" in reads:
-            heads = getattr(teacher, "roi_heads", None)
-            if not (
-                isinstance(heads, StandardROIHeads)
-                and isinstance(getattr(heads, "box_predictor", None), FastRCNNOutputLayers)
-            ):
-                raise TypeError(
-                    f"The teacher's ROI heads are {type(heads).__name__}, but a term reads the "
-                    "teacher's box logits, which need an ROI box head and predictor: the "
-                    "teacher must be a Faster/Mask R-CNN (StandardROIHeads), not e.g. RetinaNet "
-                    "or Cascade R-CNN."
-                )
+            check_logit_teacher(teacher, self.roi_heads)
         if teacher is not None:
             formats = {teacher.input_format, self.input_format}
             if len(formats) > 1 and formats != {"RGB", "BGR"}:
                 raise ValueError(
                     f"Cannot convert student input format {self.input_format} to the teacher's "
-                    f"{teacher.input_format}."
+                    f"{teacher.input_format}: the teacher sees the student's images, flipped "
+                    "between RGB and BGR when their INPUT.FORMAT / input_format differ; other "
+                    "formats are not converted. Give both RGB or BGR."
                 )
         self.__dict__["teacher"] = teacher  # not registered as a submodule: see the class docstring
         self.distill_terms = terms  # training only: TRAINING_ONLY_PREFIXES
@@ -104,7 +121,8 @@ class DistillationRCNN(GeneralizedRCNN):
         tcfg = None
         if uses_teacher(cfg):
             tcfg = get_teacher_cfg(cfg)
-            check_distill_config(cfg, tcfg)  # before anything is built
+            check_teacher_cfg(cfg, tcfg)  # before anything is built: class count, meta-arch
+            check_distill_config(cfg, tcfg)
         ret = super().from_config(cfg)
         if tcfg is None:
             return {**ret, "teacher": None, "distill_terms": None}
@@ -151,16 +169,24 @@ class DistillationRCNN(GeneralizedRCNN):
         teacher_features = self.teacher_features(batched_inputs)
         sampled, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         inputs = DistillInputs(images, features, teacher_features, gt_instances)
-        if self._reads & BOX_FIELDS:
-            inputs.boxes = [p.proposal_boxes for p in sampled]
-            inputs.gt_classes = cat([p.gt_classes for p in sampled], dim=0)
-        if "student_logits" in self._reads:
-            inputs.student_logits = cat([p.class_logits for p in sampled], dim=0)
-        if "teacher_logits" in self._reads:
-            inputs.teacher_logits = self.teacher_logits(teacher_features, inputs.boxes)
+        if isinstance(self.roi_heads, DistillCascadeROIHeads):
+            stages = self.roi_heads.pop_sampled_stages()
+            # One DistillInputs per stage, the box fields that stage's; the stage index is
+            # passed to the teacher (a Cascade teacher scores stage k with its stage k).
+            stage_inputs = [
+                self._box_inputs(dataclasses.replace(inputs), s, k) for k, s in enumerate(stages)
+            ]
+        else:  # one head: the box fields go into the one DistillInputs of all terms
+            stage_inputs = [self._box_inputs(inputs, sampled, None)]
         distill_losses = {}
         for name, term in self.distill_terms.items():
-            losses = term(inputs)
+            if term.reads & BOX_FIELDS and len(stage_inputs) > 1:
+                losses = {}
+                for k, stage in enumerate(stage_inputs):
+                    with get_event_storage().name_scope(f"stage{k}"):
+                        losses.update({f"{n}_stage{k}": v for n, v in term(stage).items()})
+            else:
+                losses = term(stage_inputs[0] if term.reads & BOX_FIELDS else inputs)
             clash = distill_losses.keys() & losses.keys()
             if clash:
                 raise KeyError(f"Distillation term {name!r} returns {sorted(clash)} again.")
@@ -186,14 +212,42 @@ class DistillationRCNN(GeneralizedRCNN):
             features = {k: v.float() for k, v in features.items()}
         return features
 
+    def _box_inputs(
+        self, inputs: DistillInputs, sampled: List[Instances], stage: Optional[int]
+    ) -> DistillInputs:
+        """``inputs`` with the box fields that the terms read filled from ``sampled`` (one
+        stage's proposals, per image), the teacher's logits for exactly those boxes."""
+        if self._reads & BOX_FIELDS:
+            inputs.boxes = [p.proposal_boxes for p in sampled]
+            inputs.gt_classes = cat([p.gt_classes for p in sampled], dim=0)
+        if "student_logits" in self._reads:
+            inputs.student_logits = cat([p.class_logits for p in sampled], dim=0)
+        if "teacher_logits" in self._reads:
+            inputs.teacher_logits = self.teacher_logits(
+                inputs.teacher_features, inputs.boxes, stage
+            )
+        return inputs
+
     @torch.no_grad()
-    def teacher_logits(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+    def teacher_logits(
+        self,
+        features: Dict[str, torch.Tensor],
+        boxes: List[Boxes],
+        stage: Optional[int] = None,
+    ) -> torch.Tensor:
         """The teacher's box-head classification logits, (R, K+1), for the given boxes
-        (image coordinates, R boxes over all images)."""
-        heads = self.teacher.roi_heads
+        (image coordinates, R boxes over all images): a Faster R-CNN teacher's one head; a
+        Cascade teacher's stage ``stage`` (the student's stage these boxes come from), or for
+        a one-head student (``stage`` None) what ``MODEL.TEACHER.CASCADE_SCORES`` says
+        (:func:`dkd_det.modeling.teacher.teacher_box_logits`)."""
         with teacher_autocast(self.teacher, self.device):
-            box_features = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
-            scores, _ = heads.box_predictor(heads.box_head(box_features))
+            scores = teacher_box_logits(
+                self.teacher.roi_heads,
+                features,
+                boxes,
+                stage=stage,
+                cascade_stage=getattr(self.teacher, "cascade_stage", None),
+            )
         return scores.float() if getattr(self.teacher, "autocast_dtype", None) else scores
 
 
