@@ -126,8 +126,9 @@ def uses_teacher(cfg: CN) -> bool:
 def distill_cfg(cfg: CN, terms) -> CN:
     """A copy of the student config ``cfg`` (a dkd-det config) that trains with the
     distillation ``terms`` (registered names, in order; empty: the plain student): the
-    meta-architecture becomes ``DistillationRCNN`` and detectron2's ``StandardROIHeads`` its
-    ``DistillROIHeads`` when a term reads the student's box logits. The teacher is whatever
+    meta-architecture becomes ``DistillationRCNN`` and detectron2's ``StandardROIHeads``
+    (``CascadeROIHeads``) its ``DistillROIHeads`` (``DistillCascadeROIHeads``) when a term reads
+    the student's box logits. The teacher is whatever
     ``cfg.MODEL.TEACHER`` says. The counterpart of :func:`student_cfg`; not frozen."""
     from .distill import registered_terms
 
@@ -146,8 +147,9 @@ def distill_cfg(cfg: CN, terms) -> CN:
         )
     out.MODEL.META_ARCHITECTURE = "DistillationRCNN"
     reads_logits = any("student_logits" in known[t].reads for t in terms)
-    if reads_logits and out.MODEL.ROI_HEADS.NAME == "StandardROIHeads":
-        out.MODEL.ROI_HEADS.NAME = "DistillROIHeads"
+    keeping = {"StandardROIHeads": "DistillROIHeads", "CascadeROIHeads": "DistillCascadeROIHeads"}
+    if reads_logits and out.MODEL.ROI_HEADS.NAME in keeping:
+        out.MODEL.ROI_HEADS.NAME = keeping[out.MODEL.ROI_HEADS.NAME]
     return out
 
 
