@@ -500,29 +500,21 @@ def test_every_config_has_the_papers_hyperparameters(dkd_opts):
             assert (dkd.ALPHA, dkd.BETA, dkd.TEMPERATURE, dkd.LOSS_WEIGHT) == (1.0, 0.25, 1.0, 1.0)
 
 
-# The suite's time budget: of the 24 configs, each term alone and on MobileNetV2 (with
-# DKD) in process, and each term with DKD through tools/train_net.py; all 24 parse and
-# carry their hyperparameters (above), and all were run through train_net once by hand.
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [c for c in CONFIGS if c.endswith("_r50_mv2" if c.startswith("dkd") else "_r101_r18")],
-)
-def test_other_configs_build_and_train_a_step(dkd_opts, name):
-    term = _term_of(name)
-    torch.manual_seed(1)  # not the teacher's seed
-    model = build_model(make_cfg(_config(name), *dkd_opts))
-    model.train()
-    with EventStorage(0):
-        losses = model(batch(n=1))
-    assert f"loss_{term.lower()}" in losses and all(torch.isfinite(v) for v in losses.values())
-    assert ("loss_dkd" in losses) == name.startswith("dkd")
+# A random-init R-50 student (FrozenBN with identity statistics, no ImageNet weights offline)
+# has exploding activations: CWD's and FGD's first step then makes the boxes NaN. Clipped
+# gradients keep its 2 iterations finite; a student from ImageNet weights needs none.
+R50_STUDENT_CLIP = [
+    "SOLVER.CLIP_GRADIENTS.ENABLED",
+    "True",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+    "1.0",
+]
 
 
+# Every one of the 24 configs, as users run it (the teacher replaced by the tiny random one);
+# no evaluation (DATASETS.TEST empty): the final evaluation is tested elsewhere.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", [c for c in CONFIGS if c.endswith("r101_r18") and c.startswith("dkd")]
-)
+@pytest.mark.parametrize("name", CONFIGS)
 def test_configs_train_two_iterations(name, tmp_path, dkd_opts, dataset_opts):
     out = str(tmp_path / name)
     run = run_tool(
@@ -536,6 +528,9 @@ def test_configs_train_two_iterations(name, tmp_path, dkd_opts, dataset_opts):
         out,
         "SOLVER.MAX_ITER",
         "2",
+        "DATASETS.TEST",
+        "()",
+        *R50_STUDENT_CLIP * name.endswith("_r101_r50"),
     )
     assert run.returncode == 0, run.stdout[-3000:]
     with open(os.path.join(out, "metrics.json")) as f:
