@@ -194,7 +194,7 @@ def test_old_distillation_keys_name_the_new_ones(tmp_path, yaml, opts, new):
 def test_every_shipped_config_lists_registered_terms():
     from dkd_det.distill import term_names
 
-    for folder in ("COCO", "Synthetic"):
+    for folder in ("COCO", "COCO-InstanceSegmentation", "Synthetic"):
         for name in sorted(os.listdir(os.path.join(ROOT, "configs", folder))):
             cfg = get_dkd_cfg(os.path.join(ROOT, "configs", folder, name))
             term_names(cfg)  # raises on an unknown term

@@ -14,7 +14,8 @@ are known, OUTPUT/metadata.json (which tools/demo.py reads). Vanilla detectron2 
 --format torchscript (traced; --torchscript-method script to script it) or --format onnx
 (opset 16, needs the deploy extra) writes OUTPUT/model.ts or OUTPUT/model.onnx and
 OUTPUT/deploy.json (input format, pixel mean/std, size limits, output names, class names),
-then checks that the file gives the PyTorch student's detections on --check-images (default:
+then checks that the file gives the PyTorch student's detections (a Mask R-CNN's masks too, by
+mask IoU, --mask-iou-tol) on --check-images (default:
 images of DATASETS.TEST[0] when readable), random images and one image the resize shrinks 0.3x;
 it fails if they differ, or if the student detected nothing (--allow-no-detections accepts it).
 
@@ -99,7 +100,7 @@ def export_deploy(args, cfg, model, training_config):
         method=args.torchscript_method,
         opset=args.opset,
         check=not args.no_check,
-        tol=Tolerances(box_px=args.box_tol, score=args.score_tol),
+        tol=Tolerances(box_px=args.box_tol, score=args.score_tol, mask_iou=args.mask_iou_tol),
         real_images=len(files),
         require_detections=not args.allow_no_detections,
         training_config=training_config,
@@ -186,6 +187,12 @@ def main(argv=None):
     )
     parser.add_argument("--score-tol", type=float, default=Tolerances.score, help="check: scores")
     parser.add_argument(
+        "--mask-iou-tol",
+        type=float,
+        default=Tolerances.mask_iou,
+        help="check (Mask R-CNN): smallest mask IoU of a matched detection",
+    )
+    parser.add_argument(
         "--no-check", action="store_true", help="skip the comparison with the PyTorch student"
     )
     parser.add_argument(
@@ -218,11 +225,17 @@ def main(argv=None):
         )
         check = paths["check"]
         if check:
+            masks = ""
+            if "min_mask_iou" in check:
+                masks = (
+                    f", min mask IoU {check['min_mask_iou']:.4f} (tolerance {args.mask_iou_tol})"
+                )
             print(
                 f"check: {check['images']} images, {check['matched']} of {check['detections']} "
                 f"PyTorch detections reproduced ({check['borderline']} at the score cut-off), "
                 f"max box difference {check['max_box_px']:.2g} px, max score difference "
                 f"{check['max_score']:.2g} (tolerances {args.box_tol} px, {args.score_tol})"
+                f"{masks}"
             )
             if not check["real_images"]:
                 print(

@@ -75,13 +75,25 @@ class Trainer(DefaultTrainer):
     @property
     def last_eval_results(self):
         """The last evaluation's results, ``{"bbox": {"AP": ..., "AP50": ..., ...}}`` (COCO AP
-        in percent), as the final evaluation after the last iteration wrote them; None before."""
+        in percent; a Mask R-CNN's also ``"segm"``, its mask AP), as the final evaluation after
+        the last iteration wrote them; None before."""
         return getattr(self, "_last_eval_results", None)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """detectron2's :class:`COCOEvaluator` for every task the model predicts: box AP
+        (``bbox``), mask AP (``segm``) for a Mask R-CNN (``MODEL.MASK_ON``) and keypoint AP for
+        ``MODEL.KEYPOINT_ON``. The tasks are the config's, not guessed from the predictions
+        (COCOEvaluator's default), so that a model that predicted nothing still reports each
+        (as NaN) and a Mask R-CNN's results always hold ``segm``."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        tasks = ["bbox"] + ["segm"] * cfg.MODEL.MASK_ON + ["keypoints"] * cfg.MODEL.KEYPOINT_ON
+        return COCOEvaluator(
+            dataset_name,
+            tasks=tuple(tasks),
+            output_dir=output_folder,
+            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):

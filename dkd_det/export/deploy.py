@@ -10,6 +10,9 @@ Every exported model follows detectron2's own deployment recipe (its
 uint8 image, which antialiases when shrinking); normalisation and padding happen inside. It
 returns the boxes (XYXY, in the resized image's pixels), scores and classes, without
 detectron2's final rescaling to the original size (``model.inference(..., do_postprocess=False)``).
+A Mask R-CNN's export also returns ``pred_masks``: (N, 1, M, M) mask probabilities inside each
+box (M = 28 for detectron2's mask head), not yet pasted into the image; the check pastes them as
+detectron2 does and compares them by mask IoU.
 """
 
 import contextlib
@@ -28,6 +31,7 @@ from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter, scripting_with_instances
+from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.structures import Boxes
 from PIL import Image
 
@@ -52,6 +56,7 @@ __all__ = [
     "export_deployable",
     "export_onnx",
     "export_torchscript",
+    "mask_ious",
     "pytorch_detections",
     "require_onnx",
     "resize_for_model",
@@ -192,11 +197,14 @@ def require_onnx():
 
 class Detections(NamedTuple):
     """One image's detections: boxes (N, 4) XYXY in the model input's pixels, scores (N,)
-    in [0, 1], classes (N,) int64 contiguous class ids; CPU tensors."""
+    in [0, 1], classes (N,) int64 contiguous class ids, and for a Mask R-CNN masks
+    (N, 1, M, M) float mask probabilities inside each box, as the mask head predicts them
+    before pasting (None without a mask head); CPU tensors."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
     classes: torch.Tensor
+    masks: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -205,6 +213,9 @@ class Tolerances:
 
     box_px: largest difference of any box coordinate, in model-input pixels.
     score: largest difference of the score (probability).
+    mask_iou: smallest IoU of a matched pair's masks (Mask R-CNN), each pasted into the model
+    input's image by its own box as detectron2 pastes them (``paste_masks_in_image``, mask
+    probability > 0.5).
     Classes must be equal. A detection that only one side has is tolerated when its score is
     within ``score`` of where the other side's output was cut (``SCORE_THRESH_TEST``, or the
     lowest kept score when ``DETECTIONS_PER_IMAGE`` detections were kept): there a score
@@ -213,6 +224,7 @@ class Tolerances:
 
     box_px: float = 0.05
     score: float = 1e-3
+    mask_iou: float = 0.99
 
 
 def resize_for_model(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
@@ -280,20 +292,30 @@ def sample_inputs(
     return out
 
 
-def _to_detections(boxes, scores, classes) -> Detections:
+def _to_detections(boxes, scores, classes, masks=None) -> Detections:
+    if masks is not None:
+        masks = torch.as_tensor(masks).detach().float().cpu()
+        masks = masks.reshape(len(masks), 1, *masks.shape[-2:])
     return Detections(
         torch.as_tensor(boxes).detach().float().cpu().reshape(-1, 4),
         torch.as_tensor(scores).detach().float().cpu(),
         torch.as_tensor(classes).detach().long().cpu(),
+        masks,
     )
+
+
+def _has_masks(model: torch.nn.Module) -> bool:
+    """Whether the student predicts masks (a Mask R-CNN: ``MODEL.MASK_ON``)."""
+    return bool(getattr(model.roi_heads, "mask_on", False))
 
 
 @torch.no_grad()
 def pytorch_detections(model: torch.nn.Module, image: torch.Tensor) -> Detections:
-    """The student's own detections for one (3, H, W) model input, without the final rescaling,
-    as the exported models compute them."""
+    """The student's own detections for one (3, H, W) model input, without the final rescaling
+    (and a Mask R-CNN's masks not pasted), as the exported models compute them."""
     inst = model.inference([{"image": image.to(model.device)}], do_postprocess=False)[0]
-    return _to_detections(inst.pred_boxes.tensor, inst.scores, inst.pred_classes)
+    masks = inst.pred_masks if inst.has("pred_masks") else None
+    return _to_detections(inst.pred_boxes.tensor, inst.scores, inst.pred_classes, masks)
 
 
 def _inference(model, inputs):
@@ -352,9 +374,10 @@ def export_torchscript(
             "pred_boxes": Boxes,
             "scores": torch.Tensor,
             "pred_classes": torch.Tensor,
+            "pred_masks": torch.Tensor,  # a Mask R-CNN's; never set for Faster R-CNN
         }
         exported = scripting_with_instances(_ScriptableStudent(model), fields)
-        names = ["pred_boxes", "pred_classes", "scores"]
+        names = ["pred_boxes", "pred_classes", "scores"] + ["pred_masks"] * _has_masks(model)
     else:
         raise ValueError(f"Unknown TorchScript method {method!r}: use 'trace' or 'script'.")
     torch.jit.save(exported, path)
@@ -451,19 +474,49 @@ class DeployedModel:
             out = self.model(({"image": image.to(self.device)},))[0]
         else:
             out = dict(zip(names, self.model(image.to(self.device))))
-        return _to_detections(out["pred_boxes"], out["scores"], out["pred_classes"])
+        masks = out.get("pred_masks", None)
+        return _to_detections(out["pred_boxes"], out["scores"], out["pred_classes"], masks)
+
+
+def mask_ious(
+    ref: Detections, got: Detections, pairs: Sequence[Tuple[int, int]], image_size: Tuple[int, int]
+) -> torch.Tensor:
+    """IoU of the masks of each ``(i, j)`` pair (``ref``'s i-th, ``got``'s j-th detection), each
+    pasted into an image of ``image_size`` (H, W) by its own box as detectron2 pastes them
+    (:func:`paste_masks_in_image`, probability > 0.5). Two empty masks agree (IoU 1).
+
+    Returns:
+        (len(pairs),) float IoUs.
+    """
+    if not pairs:
+        return torch.zeros(0)
+    i, j = (torch.tensor(k, dtype=torch.long) for k in zip(*pairs))
+    a = paste_masks_in_image(ref.masks[i, 0], Boxes(ref.boxes[i]), image_size, threshold=0.5)
+    b = paste_masks_in_image(got.masks[j, 0], Boxes(got.boxes[j]), image_size, threshold=0.5)
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def compare_detections(
-    ref: Detections, got: Detections, tol: Tolerances, score_thresh: float, max_dets: int
+    ref: Detections,
+    got: Detections,
+    tol: Tolerances,
+    score_thresh: float,
+    max_dets: int,
+    image_size: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Dict[str, float], List[str]]:
     """Match ``got`` to ``ref`` one to one (same class, every box coordinate within
-    ``tol.box_px``, score within ``tol.score``; highest reference scores first).
+    ``tol.box_px``, score within ``tol.score``; highest reference scores first). When ``ref``
+    has masks, the masks of every matched pair must have an IoU of at least ``tol.mask_iou``
+    (:func:`mask_ious`, pasted into an image of ``image_size`` (H, W), by default one that holds
+    every box).
 
     Returns:
         stats {"matched", "borderline" (unmatched but tolerated, see :class:`Tolerances`),
-        "max_box_px", "max_score"} over the matched pairs, and the problems (one line per
-        detection without a counterpart; empty when the outputs agree).
+        "max_box_px", "max_score", and with masks "min_mask_iou"} over the matched pairs, and
+        the problems (one line per detection without a counterpart or whose mask differs;
+        empty when the outputs agree).
     """
     cutoff = score_thresh
     for d in (ref, got):
@@ -471,7 +524,7 @@ def compare_detections(
             cutoff = max(cutoff, float(d.scores.min()))
     used = torch.zeros(len(got.scores), dtype=torch.bool)
     stats = {"matched": 0, "borderline": 0, "max_box_px": 0.0, "max_score": 0.0}
-    problems = []
+    problems, pairs = [], []
     for i in torch.argsort(ref.scores, descending=True).tolist():
         box_diff = (got.boxes - ref.boxes[i]).abs().amax(dim=1)
         score_diff = (got.scores - ref.scores[i]).abs()
@@ -484,6 +537,7 @@ def compare_detections(
         if ok.any():
             j = int(torch.where(ok, box_diff, torch.full_like(box_diff, float("inf"))).argmin())
             used[j] = True
+            pairs.append((i, j))
             stats["matched"] += 1
             stats["max_box_px"] = max(stats["max_box_px"], float(box_diff[j]))
             stats["max_score"] = max(stats["max_score"], float(score_diff[j]))
@@ -509,6 +563,20 @@ def compare_detections(
                 f"exported class {int(got.classes[j])}, score {float(got.scores[j]):.4f}, box "
                 f"{_fmt_box(got.boxes[j])} is not in PyTorch's output"
             )
+    if ref.masks is not None:
+        if got.masks is None:
+            return stats, problems + ["the PyTorch student predicts masks, the export none"]
+        if image_size is None:
+            corners = torch.cat([ref.boxes, got.boxes]).amax(dim=0) if pairs else torch.zeros(4)
+            image_size = (int(corners[3].ceil()) + 1, int(corners[2].ceil()) + 1)
+        ious = mask_ious(ref, got, pairs, image_size)
+        stats["min_mask_iou"] = float(ious.min()) if len(ious) else 1.0
+        for (i, _), iou in zip(pairs, ious.tolist()):
+            if iou < tol.mask_iou:
+                problems.append(
+                    f"PyTorch's class {int(ref.classes[i])}, score {float(ref.scores[i]):.4f}, box "
+                    f"{_fmt_box(ref.boxes[i])}: mask IoU {iou:.4f} with its exported counterpart"
+                )
     return stats, problems
 
 
@@ -528,7 +596,7 @@ def check_deployed(
 
     Returns:
         totals over the images: {"images", "detections" (PyTorch's), "matched",
-        "borderline", "max_box_px", "max_score"}.
+        "borderline", "max_box_px", "max_score", and for a Mask R-CNN "min_mask_iou"}.
 
     Raises:
         DeployCheckError: some detection has no counterpart; the message names the image, the
@@ -536,6 +604,9 @@ def check_deployed(
     """
     total = {"images": 0, "detections": 0, "matched": 0, "borderline": 0}
     total.update(max_box_px=0.0, max_score=0.0)
+    masks = _has_masks(model)
+    if masks:
+        total["min_mask_iou"] = 1.0
     for name, image in images:
         ref, got = pytorch_detections(model, image), deployed(image)
         stats, problems = compare_detections(
@@ -544,17 +615,21 @@ def check_deployed(
             tol,
             cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
             cfg.TEST.DETECTIONS_PER_IMAGE,
+            image_size=tuple(image.shape[1:]),
         )
         if problems:
             shown = "\n  ".join(problems[:5])
             more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+            mask_tol = f", mask IoU {tol.mask_iou}" if masks else ""
             raise DeployCheckError(
                 f"The {deployed.format} export does not reproduce the PyTorch student on "
                 f"{name} ({tuple(image.shape[1:])} input): {len(problems)} of "
                 f"{len(ref.scores)} PyTorch / {len(got.scores)} exported detections differ "
-                f"beyond the tolerances (box {tol.box_px} px, score {tol.score}, same class):"
-                f"\n  {shown}{more}"
+                f"beyond the tolerances (box {tol.box_px} px, score {tol.score}{mask_tol}, same "
+                f"class):\n  {shown}{more}"
             )
+        if masks:
+            total["min_mask_iou"] = min(total["min_mask_iou"], stats["min_mask_iou"])
         total["images"] += 1
         total["detections"] += len(ref.scores)
         for key in ("matched", "borderline"):
@@ -604,6 +679,15 @@ def _deploy_info(
         "training_config": training_config,
         "output_boxes": "XYXY in the resized input's pixels; multiply x by original_width / "
         "width and y by original_height / height for the original image",
+        **(
+            {
+                "output_masks": "pred_masks: (detections, 1, M, M) float mask probabilities "
+                "inside each box (M = 28), not pasted: resize each to its box (bilinear, as "
+                "detectron2's paste_masks_in_image) and keep the pixels above 0.5"
+            }
+            if _has_masks(model)
+            else {}
+        ),
         "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
         "nms_threshold": cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
         "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -719,10 +803,13 @@ def export_deployable(
                     "images the model detects objects in (--check-images), or pass "
                     "--allow-no-detections to export anyway."
                 )
+            tolerances = asdict(tol)
+            if not _has_masks(model):
+                tolerances.pop("mask_iou")
             info["check"] = {
                 **totals,
                 "inputs": [name for name, _ in images],
-                "tolerances": asdict(tol),
+                "tolerances": tolerances,
             }
             warnings = []
             if real_images == 0:
