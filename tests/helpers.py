@@ -119,7 +119,6 @@ def randomise_bn(model):
 TEACHER_OPTS = ["MODEL.TEACHER.CONFIG_FILE", R18, "MODEL.TEACHER.OPTS", repr(TINY)]
 
 # Cascade R-CNN: the students' configs, and the R-18 config made a Cascade teacher.
-CASCADE_R18 = os.path.join(ROOT, "configs/COCO/cascade_rcnn_r18_fpn.yaml")
 DKD_CASCADE_R18 = os.path.join(ROOT, "configs/COCO/dkd_cascade50_cascade18.yaml")
 CASCADE = [
     "MODEL.ROI_HEADS.NAME",

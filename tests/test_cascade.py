@@ -8,16 +8,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import pairwise_iou
 from detectron2.utils.events import EventStorage
 
+from dkd_det.config import student_cfg
+from dkd_det.export import export_student
 from dkd_det.losses import dkd_loss
 
 from helpers import (
     CASCADE,
-    CASCADE_R18,
     CASCADE_TEACHER_OPTS,
     DKD_CASCADE_R18,
     DKD_R18,
@@ -151,11 +153,15 @@ def test_cascade_student_is_distilled_stage_by_stage(kind, faster_teacher, casca
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
-def test_cascade_student_inference_is_detectron2s(faster_teacher):
-    model = build_model(make_cfg(DKD_CASCADE_R18, *faster_teacher))
-    vanilla = build_model(make_cfg(CASCADE_R18))  # detectron2's GeneralizedRCNN, CascadeROIHeads
+def test_cascade_student_exports_to_vanilla_detectron2(faster_teacher, tmp_path):
+    cfg = make_cfg(DKD_CASCADE_R18, *faster_teacher)
+    model = build_model(cfg)
+    paths = export_student(student_cfg(cfg), model, str(tmp_path / "export"))
+    vcfg = get_cfg()  # vanilla detectron2: no dkd-det keys
+    vcfg.merge_from_file(paths["config"])
+    vanilla = build_model(vcfg)  # detectron2's GeneralizedRCNN, CascadeROIHeads
     assert type(vanilla.roi_heads) is CascadeROIHeads
-    vanilla.load_state_dict(model.state_dict())  # strict: the same keys
+    vanilla.load_state_dict(torch.load(paths["weights"])["model"])  # strict: the same keys
     model.eval(), vanilla.eval()
     inputs = [{"image": x["image"]} for x in batch(seed=3)]
     with torch.no_grad():

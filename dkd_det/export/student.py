@@ -14,7 +14,10 @@ __all__ = ["plain_detectron2_cfg", "export_student", "student_state_dict"]
 # dkd-det's own components -> the detectron2 components they reduce to in inference.
 _PLAIN_NAMES = {
     ("META_ARCHITECTURE",): {"DistillationRCNN": "GeneralizedRCNN"},
-    ("ROI_HEADS", "NAME"): {"DistillROIHeads": "StandardROIHeads"},
+    ("ROI_HEADS", "NAME"): {
+        "DistillROIHeads": "StandardROIHeads",
+        "DistillCascadeROIHeads": "CascadeROIHeads",
+    },
 }
 
 
@@ -30,7 +33,8 @@ def _check_keys(cfg: CfgNode, reference: CfgNode, prefix: str = "") -> None:
 
 
 def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
-    """The student's config as plain detectron2: ``GeneralizedRCNN`` with ``StandardROIHeads``,
+    """The student's config as plain detectron2: ``GeneralizedRCNN`` with ``StandardROIHeads``
+    (``CascadeROIHeads`` for a Cascade student),
     without ``MODEL.DISTILL``, ``MODEL.TEACHER``, ``MODEL.WEIGHTS_SHA256``,
     ``DATASETS.COCO_FORMAT`` and ``DATALOADER.SKIP_BROKEN_IMAGES``, and with
     ``MODEL.WEIGHTS = weights``. Raises KeyError if any key would be unknown to vanilla
