@@ -4,7 +4,8 @@
 # make lint  : black, isort and flake8 at line length 100 (settings: pyproject.toml, setup.cfg)
 # make demo  : the embedded benchmark, tools/compare.py on synthetic data (SEEDS=N paired seeds,
 #              default 3; VARIANTS=all: every term alone and with DKD, or e.g. "plain dkd dkd+pkd";
-#              REGIME=pretrained: the paper-like students; QUICK=1: toy size)
+#              REGIME=pretrained: the paper-like students; MASK=1: Mask R-CNN plain vs DKD;
+#              QUICK=1: toy size)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The first working python3.10: on PATH, or a pyenv install whose shim is not active.
@@ -40,4 +41,4 @@ lint: setup
 	$(PY) -m flake8 $(LINTED)
 
 demo: setup
-	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(REGIME),--regime $(REGIME))
+	$(PY) tools/synthetic_benchmark.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(REGIME),--regime $(REGIME)) $(if $(MASK),--mask)

@@ -41,7 +41,7 @@ def test_seed_pairs_variants_same_init_and_same_batches(tiny_data, dataset_opts,
     assert all(torch.equal(plain_w[k], dkd_w[k]) for k in plain_w)
 
 
-def _run(out, *extra):
+def _run(out, *extra, output="outputs"):
     return subprocess.run(
         [
             sys.executable,
@@ -49,7 +49,7 @@ def _run(out, *extra):
             "--quick",
             "--seeds", "2",
             "--bootstrap", "10",
-            "--output", str(out / "outputs"),
+            "--output", str(out / output),
             "--data", str(out / "data"),
             *extra,
         ],
@@ -108,3 +108,19 @@ def test_rerun_reuses_data_backbones_teacher_and_runs(quick_demo):
                    "reusing 2 finished run"):  # fmt: skip
         assert reused in run.stdout
     assert "with one seed: no interval, no conclusion" in run.stdout
+
+
+@pytest.mark.slow
+def test_quick_mask_demo_reports_box_and_mask_ap(quick_demo):
+    out, _ = quick_demo  # its data (with masks) and pretrained backbone are reused
+    run = _run(out, "--mask", "--bootstrap", "0", output="mask")
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert "pretrained ResNet-50: reusing" in run.stdout
+    report = json.loads((out / "mask" / "report.json").read_text())
+    assert list(report["tasks"]) == ["bbox", "segm"]
+    assert {r["variant"] for r in report["runs"]} == {"plain", "DKD"}
+    for task in ("bbox", "segm"):
+        assert set(report["tasks"][task]["differences"]) == {"DKD - plain"}
+        assert "segm" in report["teacher"]["metrics"]
+    assert "COCO mask AP (percent)" in run.stdout and "**Verdict (mask AP).**" in run.stdout
+    assert os.path.getsize(out / "mask" / "ap_per_seed_segm.png") > 0

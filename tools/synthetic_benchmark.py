@@ -6,19 +6,22 @@ real? tools/compare.py on a synthetic COCO-format world, offline, on the CPU.
     python tools/synthetic_benchmark.py --seeds 8       # more paired seeds
     python tools/synthetic_benchmark.py --variants all  # every registered term, alone and + DKD
     python tools/synthetic_benchmark.py --regime pretrained   # the paper-like regime
+    python tools/synthetic_benchmark.py --mask          # Mask R-CNN pair, plain vs DKD
     python tools/synthetic_benchmark.py --eval-split val --output outputs/tune --opts KEY VALUE
                                                         # how settings are chosen: on val
     python tools/synthetic_benchmark.py --quick         # the same pipeline at toy size (tests)
 
 Stages: (1) the synthetic train/val/test sets (dkd_det.data.synthetic); (2) ResNet backbones
 pretrained on a classification task of the same world (the stand-in for ImageNet), saved in
-detectron2's ImageNet-weights format (.pkl) and loaded through MODEL.WEIGHTS: R-50 for the
-teacher, R-18 for the students of the ``pretrained`` regime; (3) the comparison
+detectron2's ImageNet-weights format (.pkl) into --pretrained (shared by every benchmark
+folder) and loaded through MODEL.WEIGHTS: R-50 for the teacher, R-18 for the students of the
+``pretrained`` regime; (3) the comparison
 (:class:`dkd_det.engine.comparison.Comparison`, as tools/compare.py runs it): an R-50-FPN
 teacher trained first, then R-18-FPN students of every variant with every paired seed, each a
 tools/train_net.py process. Regimes: ``scratch`` (the default; students from random
 initialisation, configs/Synthetic/student_r18_fpn_scratch.yaml) and ``pretrained`` (students
-from the pretrained R-18, frozen BN and stem, as the paper's from ImageNet).
+from the pretrained R-18, frozen BN and stem, as the paper's from ImageNet). With --mask, the
+same with Mask R-CNN teacher and students on the world's polygon masks (box and mask AP).
 
 Writes into --output (default outputs/demo; outputs/demo_quick with --quick) the comparison's
 report.md, report.json, ap_per_seed.png, losses.png, one folder per run, and detections.png
@@ -27,6 +30,7 @@ and every finished run.
 """
 
 import argparse
+import json
 import os
 import pickle
 import shutil
@@ -98,10 +102,20 @@ def say(msg: str) -> None:
 # stage 1 and 2: data, pretrained backbones (the stand-in for ImageNet)
 
 
-def prepare_data(data_dir: str, size: dict) -> None:
-    """The synthetic train/val/test sets in ``data_dir`` (COCO-format JSON and images), unless
-    they are there already."""
+def prepare_data(data_dir: str, size: dict, masks: bool = False) -> None:
+    """The synthetic train/val/test sets in ``data_dir`` (COCO-format JSON and images, polygon
+    masks included), unless they are there already. ``masks``: refuse a folder written before
+    the generator wrote masks."""
     if os.path.isfile(os.path.join(data_dir, "test.json")):
+        if masks:
+            with open(os.path.join(data_dir, "train.json")) as f:
+                annotations = json.load(f)["annotations"]
+            if annotations and "segmentation" not in annotations[0]:
+                raise SystemExit(
+                    f"{data_dir} holds synthetic data written without masks (by an older "
+                    "dkd-det): delete it, or pass another --data, and the benchmark writes it "
+                    "anew (the same images and boxes, with masks)."
+                )
         say(f"1/3 data: reusing {data_dir}")
         return
     n = (size["num_train"], size["num_val"], size["num_test"])
@@ -109,13 +123,12 @@ def prepare_data(data_dir: str, size: dict) -> None:
     generate(data_dir, *n, image_size=size["image_size"])
 
 
-def pretrain_backbones(output: str, size: dict, names) -> None:
-    """``output/pretrained/<name>`` for each of ``names`` (of :data:`BACKBONES`), unless
-    there."""
+def pretrain_backbones(folder: str, size: dict, names) -> None:
+    """``folder/<name>`` for each of ``names`` (of :data:`BACKBONES`), unless there."""
     for file_name, depth in BACKBONES:
         if file_name not in names:
             continue
-        path = os.path.join(output, "pretrained", file_name)
+        path = os.path.join(folder, file_name)
         if os.path.isfile(path):
             say(f"2/3 pretrained ResNet-{depth}: reusing {path}")
             continue
@@ -232,10 +245,11 @@ def run(args) -> dict:
     os.makedirs(output, exist_ok=True)
     setup_logger(output=os.path.join(output, "log.txt"), name="dkd_det")
 
-    prepare_data(args.data, size)
+    prepare_data(args.data, size, masks=args.mask)
     student_config, student_backbone = REGIMES[args.regime]
-    pretrain_backbones(output, size, {"R-50-synthetic.pkl", student_backbone})
-    pretrained = os.path.join(output, "pretrained")
+    pretrained = os.path.abspath(args.pretrained)
+    pretrain_backbones(pretrained, size, {"R-50-synthetic.pkl", student_backbone})
+    prefix = "mask_" if args.mask else ""
     opts = list(size["overrides"])
     if student_backbone:
         opts += ["MODEL.WEIGHTS", os.path.join(pretrained, student_backbone)]
@@ -245,12 +259,12 @@ def run(args) -> dict:
     data = os.path.abspath(args.data)
     say(f"3/3 comparison ({args.regime} students): teacher, then students")
     comparison = Comparison(
-        os.path.join(CONFIGS, student_config),
+        os.path.join(CONFIGS, prefix + student_config),
         expand_variants(args.variants),
         range(args.seeds),
         output,
         {s: f"{data}/{s}.json:{data}/{s}" for s in ("train", "val", "test")},
-        os.path.join(CONFIGS, TEACHER),
+        os.path.join(CONFIGS, prefix + TEACHER),
         TRAIN_NET,
         opts=opts + list(args.opts),
         teacher_opts=teacher_opts + list(args.teacher_opts),
@@ -263,7 +277,8 @@ def run(args) -> dict:
         regime=args.regime, quick=args.quick, wall_seconds=time.time() - start,
         settings={"student_opts": list(args.opts), "teacher_opts": list(args.teacher_opts)},
     )  # fmt: skip
-    title = f"dkd-det embedded benchmark: synthetic shapes, {args.regime} students"
+    model = "Mask R-CNN" if args.mask else "Faster R-CNN"
+    title = f"dkd-det embedded benchmark: synthetic shapes, {model}, {args.regime} students"
     if args.quick:
         title += " (QUICK: toy size, the numbers only show that the pipeline works)"
     body = write_report(report, output, title)
@@ -294,14 +309,19 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="toy size, for the tests (~2 min)")
     parser.add_argument("--seeds", type=int, default=3, help="paired seeds per variant (default 3)")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        help="as tools/compare.py: plain, kd, dkd, dkd+pkd, or all")  # fmt: skip
+    parser.add_argument("--mask", action="store_true",
+                        help="Mask R-CNN teacher and students (box and mask AP)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+",
+                        help="default plain kd dkd (plain dkd with --mask); "
+                        "as tools/compare.py: plain, kd, dkd, dkd+pkd, or all")  # fmt: skip
     parser.add_argument("--reference", default="dkd", help="also compared with every variant")
     parser.add_argument("--regime", choices=sorted(REGIMES), default="scratch",
                         help="students from scratch, or from the pretrained R-18")  # fmt: skip
     parser.add_argument("--eval-split", choices=("test", "val"), default="test",
                         help="test for the report; val to choose settings")  # fmt: skip
-    parser.add_argument("--output", help="default: outputs/demo (outputs/demo_quick with --quick)")
+    parser.add_argument("--output", help="default: outputs/demo (demo_mask with --mask, _quick)")
+    parser.add_argument("--pretrained", help="the pretrained backbones' folder, shared by runs "
+                        "(default: pretrained_synthetic(_quick) beside --output)")  # fmt: skip
     parser.add_argument("--data", help="default: datasets/synthetic(_quick)")
     parser.add_argument("--retrain-teacher", action="store_true", help="even if trained already")
     parser.add_argument(
@@ -323,7 +343,11 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     suffix = "_quick" if args.quick else ""
-    args.output = args.output or f"outputs/demo{suffix}"
+    args.output = args.output or f"outputs/demo{'_mask' if args.mask else ''}{suffix}"
+    args.pretrained = args.pretrained or os.path.join(
+        os.path.dirname(os.path.abspath(args.output)), f"pretrained_synthetic{suffix}"
+    )
+    args.variants = args.variants or (["plain", "dkd"] if args.mask else DEFAULT_VARIANTS)
     args.data = args.data or f"datasets/synthetic{suffix}"
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
