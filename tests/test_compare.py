@@ -175,3 +175,18 @@ def test_a_run_folder_of_another_config_is_not_overwritten(coco_splits, teacher_
     with pytest.raises(RuntimeError, match="another config"):
         c = comparison(3)
         c._state(c.runs[0])
+
+
+def test_gpu_runs_go_through_detectron2s_launcher_each_job_on_its_own_gpus(
+    coco_splits, teacher_weights, tmp_path
+):
+    c = Comparison(R18, expand_variants(["plain", "dkd"]), [0, 1], str(tmp_path), coco_splits,
+                   R18, "tools/train_net.py", teacher_weights=teacher_weights, opts=OPTS,
+                   jobs=2, num_gpus=4)  # fmt: skip
+    cmd = c._command(c.runs[1])
+    assert cmd[1:3] == ["tools/train_net.py", "--config-file"] and "--resume" in cmd
+    assert cmd[cmd.index("--num-gpus") + 1] == "4" and cmd[cmd.index("--dist-url") + 1] == "auto"
+    assert [c._env(slot)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["0,1,2,3", "4,5,6,7"]
+    assert c.runs[1].cfg.MODEL.TEACHER.WEIGHTS == teacher_weights
+    assert c.runs[1].cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN"
+    assert c.runs[0].cfg.MODEL.DISTILL.TERMS == [] and c.runs[1].cfg.SEED == 0

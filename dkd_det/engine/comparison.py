@@ -304,7 +304,9 @@ class Comparison:
         cmd = [sys.executable, self.train_script, "--config-file"]
         cmd += [os.path.join(run.output_dir, "run_config.yaml"), "--resume"]
         if self.num_gpus:
-            cmd += ["--num-gpus", str(self.num_gpus)]
+            # a free port of its own: detectron2's default port is one per user, which
+            # concurrent jobs would share
+            cmd += ["--num-gpus", str(self.num_gpus), "--dist-url", "auto"]
         if run.variant == "teacher" and not self.train_teacher:
             cmd += ["--eval-only"]
         return cmd
