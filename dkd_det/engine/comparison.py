@@ -531,7 +531,13 @@ def write_report(report: dict, output: str, title: str = "Paired-seed comparison
     """``report.json``, ``report.md``, ``ap_per_seed.png`` (box AP; ``ap_per_seed_segm.png``
     for masks) and ``losses.png`` (seed ``seeds[0]`` of every variant) in ``output``; returns
     the markdown body."""
-    from ..evaluation import TASK_NAMES, comparison_markdown, plot_ap_per_seed, plot_losses
+    from ..evaluation import (
+        TASK_NAMES,
+        comparison_markdown,
+        plot_ap_per_seed,
+        plot_losses,
+        run_table,
+    )
 
     body = comparison_markdown(report)
     with open(os.path.join(output, "report.json"), "w") as f:
@@ -557,7 +563,7 @@ def write_report(report: dict, output: str, title: str = "Paired-seed comparison
         os.path.join(output, "losses.png"),
     )
     with open(os.path.join(output, "report.md"), "w") as f:
-        f.write(f"# {title}\n\n{body}\n")
+        f.write(f"# {title}\n\n{body}\nEvery run:\n\n" + "\n".join(run_table(report)) + "\n\n")
         f.write(
             "AP values are pycocotools' COCO AP from detectron2's COCOEvaluator; each run's "
             "evaluator output is `<run>/inference/<dataset>/`. Intervals: mean paired "

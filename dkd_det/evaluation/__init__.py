@@ -9,7 +9,7 @@ Nothing here builds or trains a model: it reads numbers and files, or times call
 
 from .coco import ImageResampledAP, bootstrap_ap, bootstrap_difference
 from .plots import DETECTION_LOSSES, LOSS_PANELS, plot_ap_per_seed, plot_losses
-from .report import TASK_NAMES, comparison_markdown, cost_by_variant, summarise
+from .report import TASK_NAMES, comparison_markdown, cost_by_variant, run_table, summarise
 from .runs import read_metrics, results_file, seconds_per_iter
 from .stats import describe, mean_sd, paired_difference, spread, t_half_width, t_quantile
 from .tables import difference_table, fmt, seed_table
@@ -34,6 +34,7 @@ __all__ = [
     "TASK_NAMES",
     "comparison_markdown",
     "cost_by_variant",
+    "run_table",
     "summarise",
     "plot_ap_per_seed",
     "plot_losses",

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .stats import describe, mean_sd, paired_difference
 from .tables import difference_table, fmt, seed_table
 
-__all__ = ["TASK_NAMES", "summarise", "comparison_markdown", "cost_by_variant"]
+__all__ = ["TASK_NAMES", "summarise", "comparison_markdown", "cost_by_variant", "run_table"]
 
 TASK_NAMES = {"bbox": "box", "segm": "mask"}
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -115,6 +115,22 @@ def comparison_markdown(report: dict) -> str:
         ]
     out += _cost_table(report)
     return "\n".join(out) + "\n"
+
+
+def run_table(report: dict) -> List[str]:
+    """Lines of a markdown table: every run of the report with every COCO metric of every
+    task (``bbox AP``, ..., ``segm APl``), its s/iter and wall time."""
+    tasks = list(report["tasks"])
+    head = [f"{TASK_NAMES.get(t, t)} {m}" for t in tasks for m in _METRICS]
+    lines = [
+        "| run | " + " | ".join(head) + " | s/iter | wall s |",
+        "|---|" + "---|" * (len(head) + 2),
+    ]
+    for r in report["runs"]:
+        cells = [fmt(r["metrics"][t].get(m)) for t in tasks for m in _METRICS]
+        cells += [fmt(r["train_s_per_iter"], ".3f"), fmt(r["wall_seconds"], ".0f")]
+        lines.append(f"| {r['variant']} seed {r['seed']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def cost_by_variant(runs: Sequence[dict]) -> Dict[str, dict]:
