@@ -15,7 +15,7 @@ import pytest
 
 from dkd_det.engine.comparison import Comparison, expand_variants
 
-from helpers import NUM_CLASSES, R18, ROOT, TINY
+from helpers import NUM_CLASSES, R18, ROOT, TINY, child_pids
 
 # Keep the detections of untrained models: the report has numbers to check.
 OPTS = TINY + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
@@ -190,3 +190,19 @@ def test_gpu_runs_go_through_detectron2s_launcher_each_job_on_its_own_gpus(
     assert c.runs[1].cfg.MODEL.TEACHER.WEIGHTS == teacher_weights
     assert c.runs[1].cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN"
     assert c.runs[0].cfg.MODEL.DISTILL.TERMS == [] and c.runs[1].cfg.SEED == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_training_processes_too(coco_splits, teacher_weights, tmp_path):
+    args = compare_args(coco_splits, teacher_weights, str(tmp_path / "cmp"))
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    deadline, children = time.time() + 120, []
+    while not children and time.time() < deadline:
+        time.sleep(0.2)
+        children = child_pids(proc.pid)
+    assert children, "no training process started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in children:  # stopped and reaped, not orphaned
+        assert not os.path.exists(f"/proc/{pid}")

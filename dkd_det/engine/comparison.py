@@ -18,8 +18,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -373,6 +375,17 @@ class Comparison:
         return results
 
     def _train(self, todo, say) -> Dict[str, dict]:
+        # SIGTERM (a scheduler, `kill`) ends the comparison as Ctrl-C does: the finally below
+        # stops the training processes, which would otherwise go on as orphans.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+        try:
+            return self._train_all(todo, say)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _train_all(self, todo, say) -> Dict[str, dict]:
         results, running, failed = {}, {}, None
         free = list(range(self.jobs))
         todo, parallel = list(todo), min(self.jobs, len(todo))  # a lone run gets every core
@@ -410,6 +423,8 @@ class Comparison:
         finally:
             for proc, (run, *_rest) in running.items():  # interrupted: stop the children
                 proc.terminate()
+            for proc in running:
+                proc.wait()
         if failed is not None:
             run, rc = failed
             log = os.path.join(run.output_dir, "train_stdout.txt")
@@ -448,6 +463,10 @@ class Comparison:
         for run in [self.teacher] * (self.teacher is not None) + self.runs:
             h.update(self._config_text(run).encode())
         return h.hexdigest()[:12]
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def final_metrics(output_dir: str) -> Dict[str, Dict[str, float]]:
