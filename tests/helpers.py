@@ -307,3 +307,42 @@ def captured_logs(name):
     handler.emit = lambda r: records.append(r.getMessage())
     logging.getLogger(name).addHandler(handler)
     return records, lambda: logging.getLogger(name).removeHandler(handler)
+
+
+def vanilla_predictions(config_file, images, folder, fields, check="True"):
+    """The predictions of an exported model on ``images`` by vanilla detectron2, in a process
+    that never imports dkd_det: ``config_file`` merged into ``get_cfg()``, its MODEL.WEIGHTS
+    loaded, detectron2's DefaultPredictor. ``check`` is a Python expression on ``model`` that
+    must hold (e.g. the ROI heads' type). Returns, per image, the tuple of the instances'
+    ``fields`` (e.g. ("pred_boxes", "scores")), boxes as their tensor."""
+    import textwrap
+
+    result = os.path.join(str(folder), "vanilla.pt")
+    script = textwrap.dedent(f"""
+        import sys, cv2, torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.engine import DefaultPredictor
+        from detectron2.modeling import build_model
+        cfg = get_cfg()
+        cfg.merge_from_file({config_file!r})
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+        assert type(model).__name__ == "GeneralizedRCNN" and ({check}), {check!r}
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        predictor = DefaultPredictor(cfg)
+        res = []
+        for path in {list(images)!r}:
+            inst = predictor(cv2.imread(path))["instances"]
+            res.append(tuple(
+                inst.pred_boxes.tensor if f == "pred_boxes" else inst.get(f) for f in {fields!r}
+            ))
+        torch.save(res, {result!r})
+        assert not any(m.startswith("dkd_det") for m in sys.modules), "dkd_det was imported"
+        """)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=str(folder), env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(result)

@@ -7,9 +7,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import cv2
 import numpy as np
@@ -18,7 +15,15 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from helpers import ROOT, TINY, load_tool, make_cfg, run_tool, save_random_model
+from helpers import (
+    ROOT,
+    TINY,
+    load_tool,
+    make_cfg,
+    run_tool,
+    save_random_model,
+    vanilla_predictions,
+)
 
 MASK = os.path.join(ROOT, "configs", "COCO-InstanceSegmentation")
 MASK_R18 = os.path.join(MASK, "mask_rcnn_r18_fpn.yaml")
@@ -245,33 +250,13 @@ def test_exported_mask_student_gives_the_same_boxes_and_masks_in_vanilla_detectr
     images = [
         os.path.join(tiny_data["val"][1], n) for n in sorted(os.listdir(tiny_data["val"][1]))[:2]
     ]
-    result = str(tmp_path / "vanilla.pt")
-    script = textwrap.dedent(f"""
-        import sys, cv2, torch
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.config import get_cfg
-        from detectron2.engine import DefaultPredictor
-        from detectron2.modeling import build_model
-        cfg = get_cfg()
-        cfg.merge_from_file({os.path.join(exported, 'config.yaml')!r})
-        cfg.MODEL.DEVICE = "cpu"
-        model = build_model(cfg)
-        assert type(model).__name__ == "GeneralizedRCNN" and model.roi_heads.mask_on
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        predictor = DefaultPredictor(cfg)
-        res = []
-        for path in {images!r}:
-            inst = predictor(cv2.imread(path))["instances"]
-            res.append((inst.pred_boxes.tensor, inst.scores, inst.pred_classes, inst.pred_masks))
-        torch.save(res, {result!r})
-        assert not any(m.startswith("dkd_det") for m in sys.modules), "dkd_det was imported"
-        """)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True
+    vanilla = vanilla_predictions(
+        os.path.join(exported, "config.yaml"),
+        images,
+        tmp_path,
+        ("pred_boxes", "scores", "pred_classes", "pred_masks"),
+        check="model.roi_heads.mask_on",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    vanilla = torch.load(result)
 
     from dkd_det.engine import Predictor
 

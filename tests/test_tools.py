@@ -4,9 +4,6 @@ generated images and random-init weights."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import cv2
 import numpy as np
@@ -20,6 +17,7 @@ from helpers import (
     make_cfg,
     run_tool,
     save_random_model,
+    vanilla_predictions,
 )
 
 # The distillation config made tiny; the teacher's weights point nowhere: inference and
@@ -145,34 +143,13 @@ def test_exported_student_is_plain_detectron2(
     images = [
         os.path.join(tiny_data["val"][1], n) for n in sorted(os.listdir(tiny_data["val"][1]))[:2]
     ]
-    result = str(tmp_path / "vanilla.pt")
-    script = textwrap.dedent(f"""
-        import sys, cv2, torch
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.config import get_cfg
-        from detectron2.engine import DefaultPredictor
-        from detectron2.modeling import build_model
-        cfg = get_cfg()
-        cfg.merge_from_file({os.path.join(out, 'config.yaml')!r})
-        cfg.MODEL.DEVICE = "cpu"
-        model = build_model(cfg)
-        assert type(model).__name__ == "GeneralizedRCNN"
-        assert type(model.roi_heads).__name__ == "StandardROIHeads"
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        predictor = DefaultPredictor(cfg)
-        res = []
-        for path in {images!r}:
-            inst = predictor(cv2.imread(path))["instances"]
-            res.append((inst.pred_boxes.tensor, inst.scores, inst.pred_classes))
-        torch.save(res, {result!r})
-        assert not any(m.startswith("dkd_det") for m in sys.modules), "dkd_det was imported"
-        """)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True
+    vanilla = vanilla_predictions(
+        os.path.join(out, "config.yaml"),
+        images,
+        tmp_path,
+        ("pred_boxes", "scores", "pred_classes"),
+        check='type(model.roi_heads).__name__ == "StandardROIHeads"',
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    vanilla = torch.load(result)
 
     # The distillation model, teacher included, in inference.
     from detectron2.engine import DefaultPredictor
