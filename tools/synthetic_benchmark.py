@@ -58,12 +58,15 @@ from dkd_det.engine.comparison import Comparison, build_report, expand_variants,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "Synthetic")
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
-TEACHER = "teacher_r50_fpn.yaml"
-# regime: (student config, pretrained backbone of the students or None)
+# regime: (student config, the students' pretrained backbone or None, teacher config and its
+# pretrained backbone); --mask: the Mask R-CNN files of the same names with "mask_" (R-50).
 REGIMES = {
-    "scratch": ("student_r18_fpn_scratch.yaml", None),
-    "pretrained": ("student_r18_fpn.yaml", "R-18-synthetic.pkl"),
+    "scratch": ("student_r18_fpn_scratch.yaml", None, "teacher_r18_fpn.yaml", "R-18-synthetic.pkl"),
+    "pretrained": (
+        "student_r18_fpn.yaml", "R-18-synthetic.pkl", "teacher_r50_fpn.yaml", "R-50-synthetic.pkl"
+    ),
 }
+MASK_TEACHER = ("mask_teacher_r50_fpn.yaml", "R-50-synthetic.pkl")
 DEFAULT_VARIANTS = ["plain", "kd", "dkd"]
 # (backbone file, ResNet depth)
 BACKBONES = [("R-18-synthetic.pkl", 18), ("R-50-synthetic.pkl", 50)]
@@ -246,14 +249,16 @@ def run(args) -> dict:
     setup_logger(output=os.path.join(output, "log.txt"), name="dkd_det")
 
     prepare_data(args.data, size, masks=args.mask)
-    student_config, student_backbone = REGIMES[args.regime]
-    pretrained = os.path.abspath(args.pretrained)
-    pretrain_backbones(pretrained, size, {"R-50-synthetic.pkl", student_backbone})
+    student_config, student_backbone, teacher_config, teacher_backbone = REGIMES[args.regime]
     prefix = "mask_" if args.mask else ""
+    if args.mask:
+        teacher_config, teacher_backbone = MASK_TEACHER
+    pretrained = os.path.abspath(args.pretrained)
+    pretrain_backbones(pretrained, size, {teacher_backbone, student_backbone})
     opts = list(size["overrides"])
     if student_backbone:
         opts += ["MODEL.WEIGHTS", os.path.join(pretrained, student_backbone)]
-    teacher_opts = size["overrides"] + ["MODEL.WEIGHTS", os.path.join(pretrained, BACKBONES[1][0])]
+    teacher_opts = size["overrides"] + ["MODEL.WEIGHTS", os.path.join(pretrained, teacher_backbone)]
     if args.retrain_teacher:
         shutil.rmtree(os.path.join(output, "teacher"), ignore_errors=True)
     data = os.path.abspath(args.data)
@@ -264,7 +269,7 @@ def run(args) -> dict:
         range(args.seeds),
         output,
         {s: f"{data}/{s}.json:{data}/{s}" for s in ("train", "val", "test")},
-        os.path.join(CONFIGS, prefix + TEACHER),
+        os.path.join(CONFIGS, teacher_config),
         TRAIN_NET,
         opts=opts + list(args.opts),
         teacher_opts=teacher_opts + list(args.teacher_opts),

@@ -348,27 +348,26 @@ class Comparison:
         return result
 
     def execute(self, say=print) -> Dict[str, dict]:
-        """Train every run not finished yet (the teacher first), ``jobs`` at a time; returns
-        {run name: result} for every run. A failed run stops the launch of new ones; the
-        error names it and ends with its log."""
-        results = {}
-        teacher_runs = [self.teacher] if self.train_teacher else []
-        for batch in (teacher_runs, self.runs):
-            todo = []
-            for run in batch:
-                state = self._state(run)
-                if state == "done":
-                    results[run.name] = load_result(run.output_dir)
-                else:
-                    todo.append((run, state))
-            if batch and not todo:
-                say(f"reusing {len(batch)} finished run(s) in {self.output}")
-            elif todo:
-                reused = len(batch) - len(todo)
-                say(
-                    f"training {len(todo)} run(s), {self.jobs} at a time"
-                    + (f" ({reused} finished ones reused)" if reused else "")
-                )
+        """Train every run not finished yet, ``jobs`` at a time; returns {run name: result} for
+        every run. A teacher trained here goes first, and the runs without terms (``plain``)
+        train beside it: only the distilled runs wait for it. A failed run stops the launch of
+        new ones; the error names it and ends with its log."""
+        results, todo = {}, []
+        runs = ([self.teacher] if self.train_teacher else []) + self.runs
+        for run in runs:
+            state = self._state(run)
+            if state == "done":
+                results[run.name] = load_result(run.output_dir)
+            else:
+                todo.append((run, state))
+        reused = len(runs) - len(todo)
+        if not todo:
+            say(f"reusing {reused} finished run(s) in {self.output}")
+        else:
+            say(
+                f"training {len(todo)} run(s), {self.jobs} at a time"
+                + (f" ({reused} finished ones reused)" if reused else "")
+            )
             results.update(self._train(todo, say))
         if not self.train_teacher and self.teacher is not None:
             results["teacher"] = self.evaluate_teacher(say)
@@ -391,8 +390,16 @@ class Comparison:
         todo, parallel = list(todo), min(self.jobs, len(todo))  # a lone run gets every core
         try:
             while todo or running:
-                while todo and free and failed is None:
-                    run, state = todo.pop(0)
+                while free and failed is None:
+                    # the first run that can start: a distilled run needs the teacher's weights
+                    teacher_pending = any(r.variant == "teacher" for r, _ in todo) or any(
+                        r.variant == "teacher" for r, *_ in running.values()
+                    )
+                    ready = [i for i, (r, _) in enumerate(todo)
+                             if not (r.terms and teacher_pending)]  # fmt: skip
+                    if not ready:
+                        break
+                    run, state = todo.pop(ready[0])
                     os.makedirs(run.output_dir, exist_ok=True)
                     with open(os.path.join(run.output_dir, "run_config.yaml"), "w") as f:
                         f.write(self._config_text(run))
