@@ -2,7 +2,7 @@
 """The embedded benchmark: which distillation helps a small detector, and is the difference
 real? tools/compare.py on a synthetic COCO-format world, offline, on the CPU.
 
-    python tools/synthetic_benchmark.py                 # what `make demo` runs (~15 min, 2 cores)
+    python tools/synthetic_benchmark.py                 # what `make demo` runs (~18 min, 2 cores)
     python tools/synthetic_benchmark.py --seeds 8       # more paired seeds
     python tools/synthetic_benchmark.py --variants all  # every registered term, alone and + DKD
     python tools/synthetic_benchmark.py --regime pretrained   # the paper-like regime
@@ -14,14 +14,17 @@ real? tools/compare.py on a synthetic COCO-format world, offline, on the CPU.
 Stages: (1) the synthetic train/val/test sets (dkd_det.data.synthetic); (2) ResNet backbones
 pretrained on a classification task of the same world (the stand-in for ImageNet), saved in
 detectron2's ImageNet-weights format (.pkl) into --pretrained (shared by every benchmark
-folder) and loaded through MODEL.WEIGHTS: R-50 for the teacher, R-18 for the students of the
+folder) and loaded through MODEL.WEIGHTS: the teacher's, and the students' in the
 ``pretrained`` regime; (3) the comparison
-(:class:`dkd_det.engine.comparison.Comparison`, as tools/compare.py runs it): an R-50-FPN
-teacher trained first, then R-18-FPN students of every variant with every paired seed, each a
-tools/train_net.py process. Regimes: ``scratch`` (the default; students from random
-initialisation, configs/Synthetic/student_r18_fpn_scratch.yaml) and ``pretrained`` (students
-from the pretrained R-18, frozen BN and stem, as the paper's from ImageNet). With --mask, the
-same with Mask R-CNN teacher and students on the world's polygon masks (box and mask AP).
+(:class:`dkd_det.engine.comparison.Comparison`, as tools/compare.py runs it): a teacher trained
+first, beside it the plain students, then the distilled students, every variant with every
+paired seed, each a tools/train_net.py process. Regimes: ``scratch`` (the default; R-18-FPN
+students from random initialisation, configs/Synthetic/student_r18_fpn_scratch.yaml, taught by
+a pretrained R-18-FPN trained 3x longer, teacher_r18_fpn.yaml, both at 96 pixels) and
+``pretrained`` (R-18-FPN students from the pretrained R-18, frozen BN and stem, as the paper's
+from ImageNet, taught by a pretrained R-50-FPN, teacher_r50_fpn.yaml, at 128 pixels). With
+--mask, Mask R-CNN students (``mask_`` files of the regime) and an R-50 Mask R-CNN teacher on
+the world's polygon masks (box and mask AP).
 
 Writes into --output (default outputs/demo; outputs/demo_quick with --quick) the comparison's
 report.md, report.json, ap_per_seed.png, losses.png, one folder per run, and detections.png
@@ -63,7 +66,10 @@ TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 REGIMES = {
     "scratch": ("student_r18_fpn_scratch.yaml", None, "teacher_r18_fpn.yaml", "R-18-synthetic.pkl"),
     "pretrained": (
-        "student_r18_fpn.yaml", "R-18-synthetic.pkl", "teacher_r50_fpn.yaml", "R-50-synthetic.pkl"
+        "student_r18_fpn.yaml",
+        "R-18-synthetic.pkl",
+        "teacher_r50_fpn.yaml",
+        "R-50-synthetic.pkl",
     ),
 }
 MASK_TEACHER = ("mask_teacher_r50_fpn.yaml", "R-50-synthetic.pkl")

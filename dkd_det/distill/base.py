@@ -189,6 +189,20 @@ class DistillTerm(nn.Module):
             "name": cls.__name__.upper(),
         }
 
+    @classmethod
+    def feature_levels(cls, cfg: CN, student, teacher, same_channels: bool):
+        """:func:`dkd_det.distill.feature_losses.feature_levels` of the term's ``IN_FEATURES``
+        on the two models' backbones: (names, student channels, teacher channels, strides)."""
+        from .feature_losses import feature_levels
+
+        return feature_levels(
+            cls.__name__.upper(),
+            cls.term_config(cfg).IN_FEATURES,
+            student.backbone.output_shape(),
+            teacher.backbone.output_shape(),
+            same_channels=same_channels,
+        )
+
     def weight(self) -> float:
         """The loss weight at the current iteration (the event storage's), warm-up applied."""
         weight = self.loss_weight

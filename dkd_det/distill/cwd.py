@@ -18,7 +18,7 @@ import torch
 from detectron2.config import configurable
 
 from .base import DISTILL_TERM_REGISTRY, DistillInputs, DistillTerm
-from .feature_losses import check_feature_sizes, cwd_loss, feature_levels
+from .feature_losses import check_feature_sizes, cwd_loss
 
 __all__ = ["CWD"]
 
@@ -59,13 +59,7 @@ class CWD(DistillTerm):
     @classmethod
     def from_config(cls, cfg, student, teacher):
         node = cls.term_config(cfg)
-        names, _, _, _ = feature_levels(
-            "CWD",
-            node.IN_FEATURES,
-            student.backbone.output_shape(),
-            teacher.backbone.output_shape(),
-            same_channels=True,
-        )
+        names, _, _, _ = cls.feature_levels(cfg, student, teacher, same_channels=True)
         return {**cls.shared_kwargs(cfg), "in_features": names, "temperature": node.TEMPERATURE}
 
     def losses(self, inputs: DistillInputs) -> Dict[str, torch.Tensor]:

@@ -45,7 +45,6 @@ from torch import nn
 from .base import DISTILL_TERM_REGISTRY, DistillInputs, DistillTerm
 from .feature_losses import (
     check_feature_sizes,
-    feature_levels,
     fgd_focal_losses,
     fgd_global_loss,
     fgd_masks,
@@ -179,13 +178,7 @@ class FGD(DistillTerm):
     @classmethod
     def from_config(cls, cfg, student, teacher):
         node = cls.term_config(cfg)
-        names, c_s, c_t, strides = feature_levels(
-            "FGD",
-            node.IN_FEATURES,
-            student.backbone.output_shape(),
-            teacher.backbone.output_shape(),
-            same_channels=False,
-        )
+        names, c_s, c_t, strides = cls.feature_levels(cfg, student, teacher, same_channels=False)
         return {
             **cls.shared_kwargs(cfg),
             "in_features": names,

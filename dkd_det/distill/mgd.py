@@ -33,7 +33,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from .base import DISTILL_TERM_REGISTRY, DistillInputs, DistillTerm
-from .feature_losses import check_feature_sizes, feature_levels, mgd_loss, mgd_mask
+from .feature_losses import check_feature_sizes, mgd_loss, mgd_mask
 
 __all__ = ["MGD", "MGDBlock"]
 
@@ -114,13 +114,7 @@ class MGD(DistillTerm):
     @classmethod
     def from_config(cls, cfg, student, teacher):
         node = cls.term_config(cfg)
-        names, c_s, c_t, _ = feature_levels(
-            "MGD",
-            node.IN_FEATURES,
-            student.backbone.output_shape(),
-            teacher.backbone.output_shape(),
-            same_channels=False,
-        )
+        names, c_s, c_t, _ = cls.feature_levels(cfg, student, teacher, same_channels=False)
         return {
             **cls.shared_kwargs(cfg),
             "in_features": names,

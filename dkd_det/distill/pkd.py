@@ -19,7 +19,7 @@ import torch
 from detectron2.config import configurable
 
 from .base import DISTILL_TERM_REGISTRY, DistillInputs, DistillTerm
-from .feature_losses import check_feature_sizes, feature_levels, pkd_loss
+from .feature_losses import check_feature_sizes, pkd_loss
 
 __all__ = ["PKD"]
 
@@ -53,13 +53,7 @@ class PKD(DistillTerm):
 
     @classmethod
     def from_config(cls, cfg, student, teacher):
-        names, _, _, _ = feature_levels(
-            "PKD",
-            cls.term_config(cfg).IN_FEATURES,
-            student.backbone.output_shape(),
-            teacher.backbone.output_shape(),
-            same_channels=True,
-        )
+        names, _, _, _ = cls.feature_levels(cfg, student, teacher, same_channels=True)
         return {**cls.shared_kwargs(cfg), "in_features": names}
 
     def losses(self, inputs: DistillInputs) -> Dict[str, torch.Tensor]:
