@@ -169,8 +169,10 @@ def test_a_run_folder_of_another_config_is_not_overwritten(coco_splits, teacher_
 
     first = comparison(2).runs[0]
     os.makedirs(first.output_dir)
-    with open(os.path.join(first.output_dir, "run_config.yaml"), "w") as f:
-        f.write(first.cfg.dump())
+    # a comparison killed while it wrote the config: the folder is a new run, not another's
+    open(os.path.join(first.output_dir, "run_config.yaml.tmp"), "w").close()
+    assert comparison(2)._state(first) == "new"
+    comparison(2)._write_config(first)
     assert comparison(2)._state(first) == "partial"
     with pytest.raises(RuntimeError, match="another config"):
         c = comparison(3)

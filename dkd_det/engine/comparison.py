@@ -302,6 +302,15 @@ class Comparison:
             )
         return "done" if os.path.isfile(os.path.join(run.output_dir, "result.json")) else "partial"
 
+    def _write_config(self, run: Run) -> None:
+        """``run_config.yaml`` in the run's folder, whole or not at all: a comparison killed
+        while writing it must not leave a file that reads as another config's."""
+        os.makedirs(run.output_dir, exist_ok=True)
+        path = os.path.join(run.output_dir, "run_config.yaml")
+        with open(path + ".tmp", "w") as f:
+            f.write(self._config_text(run))
+        os.replace(path + ".tmp", path)
+
     def _command(self, run: Run) -> List[str]:
         cmd = [sys.executable, self.train_script, "--config-file"]
         cmd += [os.path.join(run.output_dir, "run_config.yaml"), "--resume"]
@@ -400,9 +409,7 @@ class Comparison:
                     if not ready:
                         break
                     run, state = todo.pop(ready[0])
-                    os.makedirs(run.output_dir, exist_ok=True)
-                    with open(os.path.join(run.output_dir, "run_config.yaml"), "w") as f:
-                        f.write(self._config_text(run))
+                    self._write_config(run)
                     log = open(os.path.join(run.output_dir, "train_stdout.txt"), "a")
                     slot = free.pop(0)
                     proc = subprocess.Popen(
@@ -450,9 +457,7 @@ class Comparison:
         if self._state(run) == "done":
             return load_result(run.output_dir)
         say(f"evaluating the teacher {self.teacher_weights}")
-        os.makedirs(run.output_dir, exist_ok=True)
-        with open(os.path.join(run.output_dir, "run_config.yaml"), "w") as f:
-            f.write(self._config_text(run))
+        self._write_config(run)
         start = time.time()
         with open(os.path.join(run.output_dir, "train_stdout.txt"), "a") as log:
             rc = subprocess.call(self._command(run), stdout=log, stderr=subprocess.STDOUT,
