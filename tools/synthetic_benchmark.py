@@ -2,7 +2,7 @@
 """The embedded benchmark: which distillation helps a small detector, and is the difference
 real? tools/compare.py on a synthetic COCO-format world, offline, on the CPU.
 
-    python tools/synthetic_benchmark.py                 # what `make demo` runs (~18 min, 2 cores)
+    python tools/synthetic_benchmark.py                 # what `make demo` runs (~20 min, 2 cores)
     python tools/synthetic_benchmark.py --seeds 8       # more paired seeds
     python tools/synthetic_benchmark.py --variants all  # every registered term, alone and + DKD
     python tools/synthetic_benchmark.py --regime pretrained   # the paper-like regime
