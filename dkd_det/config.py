@@ -22,6 +22,7 @@ def add_dkd_config(cfg):
     ``DATASETS.COCO_FORMAT`` registers users' own COCO-format datasets.
     ``DATALOADER.SKIP_BROKEN_IMAGES`` leaves missing or undecodable training images out (with
     a warning) instead of stopping before training.
+    ``TEST.IMS_PER_BATCH`` batches the evaluation's images.
     ``MODEL.MOBILENET`` configures the MobileNetV2 backbone (``build_mobilenet_v2_fpn_backbone``).
     """
     _C = cfg
@@ -78,6 +79,11 @@ def add_dkd_config(cfg):
     # one breaks during training. Test sets are never skipped (AP over fewer images would not
     # be comparable): a broken test image is always an error.
     _C.DATALOADER.SKIP_BROKEN_IMAGES = False
+
+    # Images per inference batch of the evaluation (per process; detectron2's test loader
+    # reads one at a time). A batch is padded to its largest image, as in training: images of
+    # one size get the detections they get alone (to float precision), others move slightly.
+    _C.TEST.IMS_PER_BATCH = 1
 
     # MobileNetV2 (dkd_det/modeling/backbone/mobilenet_v2.py), used when MODEL.BACKBONE.NAME
     # is "build_mobilenet_v2_fpn_backbone" or "build_mobilenet_v2_backbone".

@@ -165,6 +165,39 @@ def test_changed_teacher_is_reported_after_the_final_evaluation(
     assert len(calls["all_gather"]) == 1  # the check gathered once, on every rank alike
 
 
+def test_batched_evaluation_finds_the_same_detections(tmp_path, dataset_opts):
+    """TEST.IMS_PER_BATCH 3 evaluates 4 same-sized images in batches of 3 and 1: the same
+    detections (scores to float precision) and the same AP as one image at a time."""
+    from detectron2.modeling import build_model
+
+    from dkd_det.data import register_coco_format
+
+    # every proposal kept, so that a random student has detections to compare
+    cfg = make_cfg(R18, *dataset_opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    register_coco_format(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    detections, aps = {}, {}
+    for n in (1, 3):
+        c = cfg.clone()
+        c.defrost()
+        c.TEST.IMS_PER_BATCH, c.OUTPUT_DIR = n, str(tmp_path / str(n))
+        sizes = [len(b) for b in Trainer.build_test_loader(c, "tiny_val")]
+        assert sizes == ([1] * 4 if n == 1 else [3, 1])
+        aps[n] = Trainer.test(c, model)["bbox"]
+        path = tmp_path / str(n) / "inference" / "tiny_val" / "coco_instances_results.json"
+        detections[n] = json.loads(path.read_text())
+    one, batched = detections[1], detections[3]
+    assert len(one) == len(batched) > 100
+    assert [(d["image_id"], d["category_id"]) for d in one] == [
+        (d["image_id"], d["category_id"]) for d in batched
+    ]
+    assert [d["score"] for d in batched] == pytest.approx([d["score"] for d in one], abs=1e-5)
+    boxes = [[x for d in dets for x in d["bbox"]] for dets in (one, batched)]
+    assert boxes[1] == pytest.approx(boxes[0], abs=1e-3)  # pixels
+    assert aps[3] == pytest.approx(aps[1], abs=1e-6, nan_ok=True)
+
+
 TRAIN = ["--config-file", DKD_R18]
 
 

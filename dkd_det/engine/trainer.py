@@ -119,9 +119,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """detectron2's test loader, whose mapper names an image that cannot be read."""
+        """detectron2's test loader, whose mapper names an image that cannot be read, with
+        ``TEST.IMS_PER_BATCH`` images per batch."""
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+            cfg,
+            dataset_name,
+            mapper=CheckedDatasetMapper(cfg, False),
+            batch_size=cfg.TEST.get("IMS_PER_BATCH", 1),
         )
 
     @classmethod

@@ -36,7 +36,7 @@ def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
     """The student's config as plain detectron2: ``GeneralizedRCNN`` with ``StandardROIHeads``
     (``CascadeROIHeads`` for a Cascade student),
     without ``MODEL.DISTILL``, ``MODEL.TEACHER``, ``MODEL.WEIGHTS_SHA256``,
-    ``DATASETS.COCO_FORMAT`` and ``DATALOADER.SKIP_BROKEN_IMAGES``, and with
+    ``DATASETS.COCO_FORMAT``, ``DATALOADER.SKIP_BROKEN_IMAGES`` and ``TEST.IMS_PER_BATCH``, and with
     ``MODEL.WEIGHTS = weights``. Raises KeyError if any key would be unknown to vanilla
     detectron2."""
     plain = cfg.clone()
@@ -52,6 +52,7 @@ def plain_detectron2_cfg(cfg: CfgNode, weights: str = "") -> CfgNode:
         (plain.MODEL, "WEIGHTS_SHA256"),  # the pin of the trained file, not of the export
         (plain.DATASETS, "COCO_FORMAT"),
         (plain.DATALOADER, "SKIP_BROKEN_IMAGES"),
+        (plain.TEST, "IMS_PER_BATCH"),
     ):
         node.pop(key, None)
     # dkd-det's MobileNetV2 keys: meaningless for detectron2's own backbones. A MobileNetV2
