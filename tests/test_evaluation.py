@@ -185,6 +185,8 @@ def test_bootstrap_of_perfect_and_of_identical_detections(tmp_path, tiny_data):
     assert all(0 <= x < 100 for x in ap["a"]) and len(set(ap["a"])) > 1  # resamples differ
     assert ap["none"] == [0.0] * 5
     assert ev.bootstrap_ap(gt_json, files, num=5, seed=0) == boot  # the seed fixes the draws
+    # shared between processes: the same draws, the same APs in the same order
+    assert ev.bootstrap_ap(gt_json, files, num=5, seed=0, workers=2) == boot
     noise = ev.bootstrap_difference(gt_json, files["a"], files["b"], num=5)
     assert noise["sd_diff"] == 0.0 and noise["sd_ap"] > 0
     assert noise["resamples"] == 5 and noise["num_images"] == len(gt["images"])

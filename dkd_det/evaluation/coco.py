@@ -6,10 +6,12 @@ of the difference. pycocotools matches detections to ground truth once per image
 only re-accumulates those per-image matches, so each costs a fraction of an evaluation.
 """
 
+import concurrent.futures
 import contextlib
 import copy
 import io
 import json
+import multiprocessing
 import statistics
 from typing import Dict, List, Optional, Sequence
 
@@ -63,7 +65,23 @@ class ImageResampledAP:
         return 100 * float(precision[valid].mean()) if valid.any() else float("nan")
 
 
-def bootstrap_ap(gt_json: str, results: Dict[str, str], num: int, seed: int = 0) -> dict:
+def _resampled_aps(gt_json: str, results: Dict[str, str], picks) -> Dict[str, List[float]]:
+    """{model name: [AP on each image resample of ``picks``]}: one process's share."""
+    from pycocotools.coco import COCO
+
+    with _quiet():
+        coco = COCO(gt_json)
+    out = {}
+    for name, path in results.items():
+        with open(path) as f:
+            e = ImageResampledAP(coco, json.load(f))
+        out[name] = [e.ap(pick) for pick in picks]
+    return out
+
+
+def bootstrap_ap(
+    gt_json: str, results: Dict[str, str], num: int, seed: int = 0, workers: int = 1
+) -> dict:
     """COCO box AP (percent) of each model on ``num`` bootstrap resamples of the test images.
 
     Args:
@@ -73,29 +91,34 @@ def bootstrap_ap(gt_json: str, results: Dict[str, str], num: int, seed: int = 0)
         num: resamples; each draws ``len(images)`` images with replacement, the same images
             for every model.
         seed: of the resampling (numpy's ``default_rng``).
+        workers: processes sharing the resamples (the same draws, so the same result as one).
 
     Returns:
         ``{"ap": {name: [AP per resample]}, "num_images": images in the test set}``.
     """
-    from pycocotools.coco import COCO
-
-    with _quiet():
-        coco = COCO(gt_json)
-    evals = {}
-    for name, path in results.items():
-        with open(path) as f:
-            evals[name] = ImageResampledAP(coco, json.load(f))
-    num_imgs = len(next(iter(evals.values())).img_ids)
+    with open(gt_json) as f:
+        num_imgs = len({im["id"] for im in json.load(f)["images"]})
     rng = np.random.default_rng(seed)
-    out = {name: [] for name in results}
-    for _ in range(num):
-        pick = rng.integers(num_imgs, size=num_imgs)
-        for name, e in evals.items():
-            out[name].append(e.ap(pick))
-    return {"ap": out, "num_images": num_imgs}
+    picks = [rng.integers(num_imgs, size=num_imgs) for _ in range(num)]
+    workers = max(1, min(workers, num))
+    if workers == 1:
+        return {"ap": _resampled_aps(gt_json, results, picks), "num_images": num_imgs}
+    chunks = [c for c in np.array_split(np.arange(num), workers) if len(c)]
+    # fork: the children need no re-import; they run pycocotools and numpy only.
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=context) as pool:
+        shares = list(
+            pool.map(
+                _resampled_aps, *zip(*[(gt_json, results, [picks[i] for i in c]) for c in chunks])
+            )
+        )
+    aps = {name: [ap for share in shares for ap in share[name]] for name in results}
+    return {"ap": aps, "num_images": num_imgs}
 
 
-def bootstrap_difference(gt_json: str, file_a: str, file_b: str, num: int, seed: int = 0) -> dict:
+def bootstrap_difference(
+    gt_json: str, file_a: str, file_b: str, num: int, seed: int = 0, workers: int = 1
+) -> dict:
     """The evaluation noise of a comparison of model a with model b (:func:`bootstrap_ap`).
 
     Returns:
@@ -104,7 +127,7 @@ def bootstrap_difference(gt_json: str, file_a: str, file_b: str, num: int, seed:
         percent. Compare ``sd_diff`` with the seed-to-seed sd of the paired difference: what
         the seeds add beyond the test images' noise.
     """
-    boot = bootstrap_ap(gt_json, {"a": file_a, "b": file_b}, num, seed)
+    boot = bootstrap_ap(gt_json, {"a": file_a, "b": file_b}, num, seed, workers)
     a, b = boot["ap"]["a"], boot["ap"]["b"]
     return {
         "num_images": boot["num_images"],
