@@ -401,9 +401,8 @@ class Comparison:
             while todo or running:
                 while free and failed is None:
                     # the first run that can start: a distilled run needs the teacher's weights
-                    teacher_pending = any(r.variant == "teacher" for r, _ in todo) or any(
-                        r.variant == "teacher" for r, *_ in running.values()
-                    )
+                    waiting = todo + list(running.values())
+                    teacher_pending = any(r.variant == "teacher" for r, *_ in waiting)
                     ready = [i for i, (r, _) in enumerate(todo)
                              if not (r.terms and teacher_pending)]  # fmt: skip
                     if not ready:
