@@ -306,10 +306,7 @@ class Comparison:
         """``run_config.yaml`` in the run's folder, whole or not at all: a comparison killed
         while writing it must not leave a file that reads as another config's."""
         os.makedirs(run.output_dir, exist_ok=True)
-        path = os.path.join(run.output_dir, "run_config.yaml")
-        with open(path + ".tmp", "w") as f:
-            f.write(self._config_text(run))
-        os.replace(path + ".tmp", path)
+        _write_whole(os.path.join(run.output_dir, "run_config.yaml"), self._config_text(run))
 
     def _command(self, run: Run) -> List[str]:
         cmd = [sys.executable, self.train_script, "--config-file"]
@@ -350,10 +347,7 @@ class Comparison:
             ),
             "max_iter": run.cfg.SOLVER.MAX_ITER,
         }
-        path = os.path.join(run.output_dir, "result.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)  # a result is there whole or not at all
+        _write_whole(os.path.join(run.output_dir, "result.json"), json.dumps(result, indent=2))
         return result
 
     def execute(self, say=print) -> Dict[str, dict]:
@@ -474,6 +468,14 @@ class Comparison:
         for run in [self.teacher] * (self.teacher is not None) + self.runs:
             h.update(self._config_text(run).encode())
         return h.hexdigest()[:12]
+
+
+def _write_whole(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: a process killed meanwhile
+    leaves the old file or none, never part of the new one."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _exit_on_sigterm(signum, frame):

@@ -103,15 +103,14 @@ def bootstrap_ap(
     workers = max(1, min(workers, num))
     if workers == 1:
         return {"ap": _resampled_aps(gt_json, results, picks), "num_images": num_imgs}
-    chunks = [c for c in np.array_split(np.arange(num), workers) if len(c)]
     # fork: the children need no re-import; they run pycocotools and numpy only.
     context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=context) as pool:
-        shares = list(
-            pool.map(
-                _resampled_aps, *zip(*[(gt_json, results, [picks[i] for i in c]) for c in chunks])
-            )
-        )
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        shares = [
+            pool.submit(_resampled_aps, gt_json, results, [picks[i] for i in chunk])
+            for chunk in np.array_split(np.arange(num), workers)  # workers <= num: none empty
+        ]
+        shares = [share.result() for share in shares]
     aps = {name: [ap for share in shares for ap in share[name]] for name in results}
     return {"ap": aps, "num_images": num_imgs}
 
