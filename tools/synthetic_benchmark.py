@@ -80,8 +80,8 @@ REGIMES = {
 MASK_TEACHER = ("mask_teacher_r50_fpn.yaml", "R-50-synthetic.pkl")
 DEFAULT_VARIANTS = ["plain", "kd", "dkd"]
 # backbone file: (ResNet depth, pretraining steps). The scratch regime's teacher has the short
-# pretraining (val design 7, README: 100 steps, 90 s of the demo); the pretrained regime and the
-# Mask R-CNN teacher keep the 200 steps their README numbers were made with.
+# pretraining (val design 7, README: 100 steps, 81 s of the demo against ~185 s at 200); the
+# pretrained regime and the Mask R-CNN teacher keep the 200 their README numbers were made with.
 BACKBONES = {
     "R-18-synthetic-100.pkl": (18, 100),
     "R-18-synthetic.pkl": (18, 200),
