@@ -1,5 +1,12 @@
 from .hooks import TeacherCheck
-from .launcher import LostPeerError, argument_parser, launch, restart_count, resume_or_load
+from .launcher import (
+    LostPeerError,
+    argument_parser,
+    launch,
+    restart_count,
+    resume_or_load,
+    settle_collectives,
+)
 from .predictor import Predictor, load_student
 from .trainer import Trainer
 
@@ -13,4 +20,5 @@ __all__ = [
     "load_student",
     "restart_count",
     "resume_or_load",
+    "settle_collectives",
 ]
