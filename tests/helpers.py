@@ -253,6 +253,29 @@ def load_tool(script):
     return module
 
 
+def train_net_here(*argv):
+    """Run ``tools/train_net.py <argv>`` in this process as its ``__main__`` does (its own
+    argument parser, then dkd-det's launcher with one process), and return what ``main``
+    returns. For the many short config runs, where a process each spends half its time
+    importing torch and detectron2. The log handlers that the run adds (to its output folder)
+    are closed afterwards."""
+    import logging
+
+    tool = load_tool("train_net.py")
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    before = {id(lg): set(lg.handlers) for lg in loggers}
+    try:
+        return tool.launch(tool.main, tool.argument_parser().parse_args(list(argv)))
+    finally:
+        for lg in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
+            for handler in getattr(lg, "handlers", [])[:]:
+                if handler not in before.get(id(lg), ()):
+                    lg.removeHandler(handler)
+                    handler.close()
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket

@@ -228,10 +228,10 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_dead_machine_ends_the_other_within_the_timeout(tmp_path, dkd_opts, dataset_opts, sig):
-    """detectron2's launcher, two machines of one process each, --dist-timeout 30; after the
+    """detectron2's launcher, two machines of one process each, --dist-timeout 15; after the
     checkpoint of iteration 1 of 400, machine 1 is killed (its sockets close) or frozen
     (SIGSTOP: what a machine that lost power or its network looks like to the others: nothing
-    closes). Machine 0 exits non-zero within about a minute, saying it lost a peer or timed
+    closes). Machine 0 exits non-zero well within a minute, saying it lost a peer or timed
     out."""
     out = tmp_path / "out"
     opts = TINY + dkd_opts + dataset_opts
@@ -243,7 +243,7 @@ def test_dead_machine_ends_the_other_within_the_timeout(tmp_path, dkd_opts, data
         for n in (0, 1):
             cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py")]
             cmd += f"--num-machines 2 --machine-rank {n} --dist-url {url}".split()
-            cmd += ["--dist-timeout", "30"]
+            cmd += ["--dist-timeout", "15"]
             with open(logs[n], "w") as log:
                 procs.append(
                     subprocess.Popen(
@@ -268,10 +268,10 @@ def test_dead_machine_ends_the_other_within_the_timeout(tmp_path, dkd_opts, data
         _stop_all(procs)
     text = logs[0].read_text()
     assert procs[0].returncode != 0, text[-3000:]
-    assert elapsed < 75, f"machine 0 ended {elapsed:.0f} s after its peer"
+    assert elapsed < 60, f"machine 0 ended {elapsed:.0f} s after its peer"
     if sig == signal.SIGKILL:  # its connections closed: noticed at once
         assert "Rank 0 lost a peer in a collective" in text, text[-3000:]
         assert "by peer" in text  # GLOO: "Connection closed by peer" or "... reset by peer"
     else:  # nothing closed: the collective timeout ends the wait
-        assert "Rank 0 timed out after 30 s (--dist-timeout) in a collective" in text, text[-3000:]
+        assert "Rank 0 timed out after 15 s (--dist-timeout) in a collective" in text, text[-3000:]
     assert "rerun it with --resume" in text
