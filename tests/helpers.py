@@ -261,19 +261,19 @@ def train_net_here(*argv):
     are closed afterwards."""
     import logging
 
+    def loggers():
+        every = logging.Logger.manager.loggerDict.values()
+        return [logging.getLogger()] + [lg for lg in every if isinstance(lg, logging.Logger)]
+
     tool = load_tool("train_net.py")
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    before = {id(lg): set(lg.handlers) for lg in loggers}
+    before = {lg: set(lg.handlers) for lg in loggers()}
     try:
         return tool.launch(tool.main, tool.argument_parser().parse_args(list(argv)))
     finally:
-        for lg in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
-            for handler in getattr(lg, "handlers", [])[:]:
-                if handler not in before.get(id(lg), ()):
-                    lg.removeHandler(handler)
-                    handler.close()
+        for lg in loggers():
+            for handler in set(lg.handlers) - before.get(lg, set()):
+                lg.removeHandler(handler)
+                handler.close()
 
 
 def free_port():

@@ -184,8 +184,8 @@ def settle_collectives(seconds: float = 0.1) -> None:
     without an active exception", SIGABRT): a finished job fails (8 of 70 runs of two processes
     whose last act was an ``all_gather``; 1 of 80 with a barrier after it). Here the barrier's
     own work is the last, and ``seconds`` of sleep without the GIL let the thread free it and
-    what it holds. Destroying the process group instead would deadlock on torch < 2.8: its
-    destructor holds the GIL while it waits for that thread (pytorch/pytorch#154976).
+    what it holds. Destroying the process group instead deadlocks on torch 2.3: its destructor
+    holds the GIL while it waits for that thread (released upstream by pytorch/pytorch#154976).
 
     A collective: every rank must call it. Nothing happens without a process group.
     """
