@@ -23,7 +23,8 @@ from helpers import (
 
 
 def test_last_checkpoint_is_never_half_written(tmp_path, monkeypatch):
-    """A write interrupted before the rename leaves the previous tag intact."""
+    """A write interrupted before the rename leaves the previous tag intact, and no temporary
+    file (dkd_det.files.open_whole, which every whole-file write of dkd-det goes through)."""
     model = torch.nn.Linear(2, 2)
     ckpt = AtomicCheckpointer(model, save_dir=str(tmp_path))
     ckpt.save("model_0000001")
@@ -37,6 +38,7 @@ def test_last_checkpoint_is_never_half_written(tmp_path, monkeypatch):
         ckpt.save("model_0000002")
     monkeypatch.undo()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (tmp_path / "last_checkpoint.tmp").exists()
     assert ckpt.get_checkpoint_file().endswith("model_0000001.pth")
 
 

@@ -56,6 +56,7 @@ from dkd_det.config import student_cfg
 from dkd_det.data.synthetic import COLOURS, class_names, classification_batch, generate
 from dkd_det.engine import load_student
 from dkd_det.engine.comparison import Comparison, build_report, expand_variants, write_report
+from dkd_det.files import open_whole
 
 # The configs are the checkout's: this script lives in its tools/.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,7 +207,7 @@ def pretrain_backbone(depth: int, path: str, steps: int, size: int, batch: int =
         if not k.endswith("num_batches_tracked")
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with open_whole(path, "wb") as f:  # a rerun never finds half a file
         pickle.dump(
             {
                 "model": state,
@@ -215,7 +216,6 @@ def pretrain_backbone(depth: int, path: str, steps: int, size: int, batch: int =
             },
             f,
         )
-    os.replace(path + ".tmp", path)  # a rerun never finds half a file
     return accuracy
 
 

@@ -12,6 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode as CN
 from detectron2.utils.file_io import PathManager
 
+from ..files import open_whole
 from .convert import missing_weights_hint
 from .safe_load import (
     NAME_HASH_RULE,
@@ -366,13 +367,8 @@ class AtomicCheckpointer(_DataCheckpointer):
         return "MODEL.WEIGHTS"
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = save_file + ".tmp"
-        with open(tmp, "w") as f:
+        with open_whole(os.path.join(self.save_dir, "last_checkpoint")) as f:
             f.write(last_filename_basename)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, save_file)
 
 
 def checkpoint_size(path: str, key: str = "weights") -> Dict[str, float]:

@@ -24,6 +24,8 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
+from ..files import open_whole
+
 __all__ = ["SHAPES", "COLOURS", "class_names", "classification_batch", "generate_split", "generate"]
 
 SHAPES = ("square", "diamond", "circle", "octagon", "triangle")
@@ -209,10 +211,8 @@ def generate_split(
                 }
             )
     json_file = os.path.join(output_dir, f"{split}.json")
-    tmp = json_file + ".tmp"
-    with open(tmp, "w") as f:
+    with open_whole(json_file) as f:  # the JSON appears only once every image is written
         json.dump(coco, f)
-    os.replace(tmp, json_file)  # the JSON appears only once every image is written
     return json_file, image_root
 
 

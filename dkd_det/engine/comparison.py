@@ -32,6 +32,7 @@ from ..config import distill_cfg, get_dkd_cfg
 from ..data import register_coco_format
 from ..distill import registered_terms
 from ..evaluation import read_metrics, seconds_per_iter
+from ..files import open_whole
 
 __all__ = [
     "SPLITS",
@@ -306,7 +307,8 @@ class Comparison:
         """``run_config.yaml`` in the run's folder, whole or not at all: a comparison killed
         while writing it must not leave a file that reads as another config's."""
         os.makedirs(run.output_dir, exist_ok=True)
-        _write_whole(os.path.join(run.output_dir, "run_config.yaml"), self._config_text(run))
+        with open_whole(os.path.join(run.output_dir, "run_config.yaml")) as f:
+            f.write(self._config_text(run))
 
     def _command(self, run: Run) -> List[str]:
         cmd = [sys.executable, self.train_script, "--config-file"]
@@ -347,7 +349,8 @@ class Comparison:
             ),
             "max_iter": run.cfg.SOLVER.MAX_ITER,
         }
-        _write_whole(os.path.join(run.output_dir, "result.json"), json.dumps(result, indent=2))
+        with open_whole(os.path.join(run.output_dir, "result.json")) as f:
+            json.dump(result, f, indent=2)
         return result
 
     def execute(self, say=print) -> Dict[str, dict]:
@@ -468,14 +471,6 @@ class Comparison:
         for run in [self.teacher] * (self.teacher is not None) + self.runs:
             h.update(self._config_text(run).encode())
         return h.hexdigest()[:12]
-
-
-def _write_whole(path: str, text: str) -> None:
-    """``text`` into ``path`` through a temporary file and a rename: a process killed meanwhile
-    leaves the old file or none, never part of the new one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _exit_on_sigterm(signum, frame):
