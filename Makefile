@@ -1,31 +1,40 @@
-# make setup : create .venv with Python 3.10 and install the tested stack
+# make setup : create the venv of a stack and install it (STACK=current, the default: Python 3.12,
+#              torch 2.14.1, numpy 2, detectron2 built from its pinned commit; STACK=oldest:
+#              Python 3.10, torch 2.3.1, numpy<2, the sal-detectron2 wheel). The pins:
+#              requirements/$(STACK).txt; tests and lint: requirements/dev.txt.
 # make test  : run the test suite (sets up first); make test-fast: without the slow tests
-# make setup-deploy : also the optional deploy extra (onnx, onnxruntime: requirements-deploy.txt)
 # make lint  : black, isort and flake8 at line length 100 (settings: pyproject.toml, setup.cfg)
 # make demo  : the embedded benchmark, tools/compare.py on synthetic data (SEEDS=N paired seeds,
 #              default 3; VARIANTS=all: every term alone and with DKD, or e.g. "plain dkd dkd+pkd";
 #              REGIME=pretrained: the paper-like students; MASK=1: Mask R-CNN plain vs DKD;
 #              QUICK=1: toy size)
-VENV   := .venv
+STACK ?= current
+ifeq ($(STACK),current)
+PYVER := 3.12
+VENV  ?= .venv
+else ifeq ($(STACK),oldest)
+PYVER := 3.10
+VENV  ?= .venv-oldest
+else
+$(error STACK=$(STACK): use STACK=current (the default) or STACK=oldest)
+endif
 PY     := $(VENV)/bin/python
-# The first working python3.10: on PATH, or a pyenv install whose shim is not active.
-PYTHON310 ?= $(shell for p in python3.10 $(HOME)/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10; do \
-	$$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+# The first working python$(PYVER): on PATH, or a pyenv install whose shim is not active.
+PYTHON ?= $(shell for p in python$(PYVER) $(HOME)/.pyenv/versions/$(PYVER)*/bin/python$(PYVER) /usr/bin/python$(PYVER); do \
+	$$p -c 'import sys; assert sys.version_info[:2] == tuple(map(int, "$(PYVER)".split(".")))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 PYTEST_ARGS ?=
 LINTED := dkd_det tools tests setup.py
 
-.PHONY: setup setup-deploy test test-fast lint demo
+.PHONY: setup test test-fast lint demo
 setup: $(VENV)/.installed
 
-setup-deploy: setup
-	$(PY) -m pip install -r requirements-deploy.txt
-
-$(VENV)/.installed: requirements.txt setup.py
+$(VENV)/.installed: requirements/$(STACK).txt requirements/dev.txt setup.py tools/install_detectron2.sh
 	@if [ ! -x $(PY) ]; then \
-	  if [ -z "$(PYTHON310)" ]; then echo "error: Python 3.10 not found (the detectron2 wheel is built for CPython 3.10); install it, e.g. 'pyenv install 3.10', or pass PYTHON310=/path/to/python3.10" >&2; exit 1; fi; \
-	  $(PYTHON310) -m venv $(VENV); fi
+	  if [ -z "$(PYTHON)" ]; then echo "error: Python $(PYVER) not found (STACK=$(STACK) needs it); install it, e.g. 'pyenv install $(PYVER)', or pass PYTHON=/path/to/python$(PYVER)" >&2; exit 1; fi; \
+	  $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -q -r requirements/$(STACK).txt -r requirements/dev.txt
+	$(if $(filter current,$(STACK)),PYTHON=$(PY) tools/install_detectron2.sh)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
