@@ -2,6 +2,8 @@
 checkpoint, inference identical to vanilla detectron2, clear errors before training."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,3 +308,25 @@ def test_training_inputs_without_instances_are_refused_clearly(dkd_opts):
     model.eval()  # inference needs none
     with torch.no_grad():
         assert len(model(_inputs(with_instances=False))) == 2
+
+
+@pytest.mark.slow
+def test_model_zoo_teacher_configs_need_no_pkg_resources():
+    """setuptools >= 82 has no ``pkg_resources``, which ``detectron2.model_zoo`` imports: a
+    teacher named by its model-zoo config (yaml or LazyConfig) still resolves and loads."""
+    code = (
+        "import sys; sys.modules['pkg_resources'] = None\n"  # import pkg_resources fails
+        "from dkd_det.config import get_dkd_cfg\n"
+        "from dkd_det.modeling.teacher import get_teacher_cfg\n"
+        "cfg = get_dkd_cfg(sys.argv[1])\n"
+        "for name in ('COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml',\n"
+        "             'new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py'):\n"
+        "    cfg.defrost(); cfg.MODEL.TEACHER.CONFIG_FILE = name\n"
+        "    print(type(get_teacher_cfg(cfg)).__name__)\n"
+        "assert 'detectron2.model_zoo' not in sys.modules\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, DKD_R18], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["CfgNode", "DictConfig"]

@@ -37,6 +37,8 @@ import torch
 import yaml
 from detectron2.config import CfgNode
 
+from ..files import model_zoo_dir
+
 __all__ = [
     "FETCHED_SCHEMES",
     "HashMismatchError",
@@ -302,18 +304,12 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _packaged_config_dir() -> str:
-    import detectron2.model_zoo
-
-    return os.path.realpath(os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs"))
-
-
 def is_packaged_config(filename: str) -> bool:
     """Whether ``filename`` is one of detectron2's own model-zoo configs, inside the installed
     detectron2 package (as trusted as detectron2's code: whoever can change it can change that)."""
     if "://" in filename:
         return False
-    root = _packaged_config_dir()
+    root = model_zoo_dir()
     return os.path.commonpath([root, os.path.realpath(filename)]) == root
 
 

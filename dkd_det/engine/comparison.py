@@ -25,14 +25,13 @@ import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from detectron2 import model_zoo
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import distill_cfg, get_dkd_cfg
 from ..data import register_coco_format
 from ..distill import registered_terms
 from ..evaluation import read_metrics, seconds_per_iter
-from ..files import open_whole
+from ..files import model_zoo_config_file, open_whole
 
 __all__ = [
     "SPLITS",
@@ -271,7 +270,7 @@ class Comparison:
                 )
             return None
         if not os.path.isfile(path):
-            path = model_zoo.get_config_file(path)  # a model-zoo name (an error names it)
+            path = model_zoo_config_file(path)  # a model-zoo name (an error names it)
         cfg = self._with_datasets(get_dkd_cfg(path, self.teacher_opts, key="--teacher-config"))
         cfg.MODEL.DEVICE = self.runs[0].cfg.MODEL.DEVICE
         if not self.train_teacher:

@@ -15,7 +15,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from detectron2 import model_zoo
 from detectron2.config import CfgNode, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNOutputLayers, StandardROIHeads
@@ -25,6 +24,7 @@ from detectron2.utils.registry import locate
 from ..checkpoint import StrictCheckpointer, load_lazy_config, resolve_weights
 from ..config import get_dkd_cfg
 from ..distill import box_predictors
+from ..files import model_zoo_config_file
 
 __all__ = [
     "build_teacher",
@@ -79,8 +79,8 @@ def get_teacher_cfg(cfg):
         )
     if not os.path.isfile(path):
         try:
-            path = model_zoo.get_config_file(path)
-        except RuntimeError:
+            path = model_zoo_config_file(path)
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"MODEL.TEACHER.CONFIG_FILE = {path!r} is neither a file nor a detectron2 "
                 "model-zoo config name (such as COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml)."
