@@ -22,16 +22,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 archive=${DETECTRON2_ARCHIVE:-$here/../shared/vendor/detectron2-${COMMIT:0:7}.tar.gz}
 cache=${DKD_DET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dkd-det}
 
+# CUDA kernels are built with FORCE_CUDA=1, or where torch sees a GPU (detectron2's setup.py).
 key=$("$PYTHON" - "$COMMIT" <<'EOF'
-import sys
-import torch
-cuda = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
-import os
-kernels = cuda if os.environ.get("FORCE_CUDA") == "1" or torch.cuda.is_available() else "cpu"
+import os, sys, torch
+cuda = os.environ.get("FORCE_CUDA") == "1" or torch.cuda.is_available()
+kernels = f"cu{torch.version.cuda.replace('.', '')}" if cuda and torch.version.cuda else "cpu"
 print(f"{sys.argv[1][:7]}-cp{sys.version_info[0]}{sys.version_info[1]}"
-      f"-torch{torch.__version__.split('+')[0]}-{kernels}")
+      f"-torch{torch.__version__.replace('+', '-')}-{kernels}")
 EOF
-) || { echo "error: $PYTHON cannot import torch; install torch first (see README, Environment)" >&2; exit 1; }
+) || { echo "error: $PYTHON cannot import torch; install torch first (README, Environment)" >&2; exit 1; }
 wheels=$cache/detectron2/$key
 
 if ! ls "$wheels"/detectron2-*.whl >/dev/null 2>&1; then
