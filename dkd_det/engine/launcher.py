@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from datetime import timedelta
 from typing import Callable, NamedTuple, Optional
 
@@ -262,11 +263,13 @@ def restarts_unsupported(environ=None) -> Optional[str]:
     ``--standalone``) when it stops the workers to restart them, so every agent then fails with
     ``RendezvousClosedError`` instead of restarting (pytorch/pytorch#123678, fixed by #124819).
     The static rendezvous (``--node-rank``, ``--master-addr``, ``--master-port``, torchrun's
-    default without ``--rdzv-backend``) restarts.
+    default without ``--rdzv-backend``) restarts. With torch >= 2.4 both restart (each attempt
+    of the job under its own prefix of the agent's store: :func:`_attempt_store`).
     """
     environ = os.environ if environ is None else environ
     restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    dynamic = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "False"  # not the static backend
+    # torch < 2.4 shares the agent's store with the workers under the static backend alone.
+    dynamic = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "False"
     if restarts > 0 and dynamic and _torch_version() < (2, 4):
         return (
             f"torchrun --max-restarts {restarts} cannot restart this job: torch "
@@ -290,10 +293,62 @@ def _torchrun_worker(main_func, args, env: TorchrunEnv, timeout: timedelta):
     has_gpu = torch.cuda.is_available()
     if has_gpu:
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group("nccl" if has_gpu else "gloo", init_method="env://", timeout=timeout)
+    backend = "nccl" if has_gpu else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = _attempt_store(env, timeout)
+        dist.init_process_group(
+            backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+        )
+    else:  # rank 0 hosts the store, at a port the agents chose afresh for this attempt
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
     comm.create_local_process_group(env.local_world_size)
     comm.synchronize()
     return _finished_job(main_func, timeout, args)
+
+
+def _attempt_store(env: TorchrunEnv, timeout: timedelta, poll: float = 0.2) -> dist.Store:
+    """The agent's store (``MASTER_ADDR:MASTER_PORT``) under a prefix that only this attempt
+    of the job uses, one that all its ranks agree on.
+
+    torchrun's agent keeps that store across restarts (the static rendezvous; the c10d one
+    too since torch shares its store with the workers), so it still holds what the processes
+    of a dead attempt wrote: a restarted process that reads it looks for the dead ones'
+    addresses and hangs. torch 2.3 put each attempt under ``TORCHELASTIC_RESTART_COUNT``;
+    current torch uses no prefix. That count is each node's own, though: under the c10d
+    rendezvous an agent whose workers were still running when another node's failed restarts
+    them as a membership change, without counting it (pytorch/pytorch#135712), so the ranks
+    of one attempt can hold different counts and would wait under different prefixes. Hence
+    rank 0 names the attempt with a fresh random id; every other rank reads the name, joins
+    under it, and waits for rank 0 to answer its own fresh token. A name left by a dead or
+    stalled rank 0 gets no answer, so the rank reads the name again until the new rank 0 has
+    set it.
+    """
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    token = uuid.uuid4().hex
+    if env.rank == 0:
+        client.set("dkd_det/attempt", token)
+        joins = [f"dkd_det/{token}/join/{r}" for r in range(1, env.world_size)]
+        client.wait(joins)  # every other rank of this attempt (the store's timeout)
+        for key in joins:
+            client.set(f"dkd_det/{token}/ok/{client.get(key).decode()}", "")
+        return dist.PrefixStore(f"dkd_det/{token}/", client)
+    deadline = time.monotonic() + timeout.total_seconds()
+    joined = None
+    while True:
+        attempt = client.get("dkd_det/attempt").decode()  # waits for a first rank 0
+        if attempt != joined:
+            client.set(f"dkd_det/{attempt}/join/{env.rank}", token)
+            joined = attempt
+        if client.check([f"dkd_det/{attempt}/ok/{token}"]):
+            return dist.PrefixStore(f"dkd_det/{attempt}/", client)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {env.rank}: rank 0 did not start within {timeout.total_seconds():g} s "
+                "(--dist-timeout)"
+            )
+        time.sleep(poll)
 
 
 def restart_count() -> int:
