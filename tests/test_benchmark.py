@@ -79,7 +79,7 @@ def test_toy_deploy_benchmark_reports_every_runtime(tmp_path):
     except ImportError:  # the one row that may be "n/a": the optional extra is missing
         assert rows[3]["ms"] is None and "dkd_det[deploy]" in rows[3]["note"]
     else:
-        assert rows[3]["runtime"] == "ONNX Runtime (opset 16)" and rows[3]["ms"]["median"] > 0
+        assert rows[3]["runtime"] == "ONNX Runtime (opset 17)" and rows[3]["ms"]["median"] > 0
     teacher, student = result["inference"]["teacher"], result["inference"]["student"]
     assert teacher["proposals"] == student["proposals"] > 0
     assert teacher["candidates"] == student["candidates"] > 0

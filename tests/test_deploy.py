@@ -29,15 +29,21 @@ from helpers import (
 @pytest.fixture(scope="module")
 def student():
     """A tiny random R-18-FPN student with non-trivial BN, in eval mode on the CPU, and its cfg:
-    random weights give 100 low-score detections per image, enough to compare."""
+    random weights give 100 low-score detections per image, enough to compare. One torch thread
+    while this module's tests run; the previous count is restored afterwards, so that other
+    tests do not depend on the order they run in."""
     from detectron2.modeling import build_model
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = make_cfg(R18)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     randomise_bn(model)
-    return cfg, model
+    try:
+        yield cfg, model
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +140,24 @@ def test_failed_check_names_the_difference_and_removes_the_export(student, input
 def test_onnx_export_reproduces_the_student_through_onnxruntime(student, inputs, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from dkd_det.export import DeployedModel, export_deployable, pytorch_detections
+    import onnx
+
+    from dkd_det.export import (
+        ONNX_OPSET,
+        DeployedModel,
+        export_deployable,
+        pytorch_detections,
+    )
 
     cfg, model = student
     out = export_deployable(cfg, model, str(tmp_path), "onnx", inputs)
     assert sorted(os.listdir(tmp_path)) == ["deploy.json", "model.onnx"]
     assert out["check"]["images"] == 3 and out["check"]["detections"] > 0
     info = json.loads((tmp_path / "deploy.json").read_text())
-    assert info["opset"] == 16
+    assert ONNX_OPSET == 17 and info["opset"] == ONNX_OPSET and info["exporter"] == "legacy"
+    # The file's own opset is the one asked for (the dynamo exporter would have written 18).
+    opsets = {o.domain: o.version for o in onnx.load(out["model"]).opset_import}
+    assert opsets[""] == ONNX_OPSET
     assert info["outputs"] == ["pred_boxes", "pred_classes", "scores", "image_size"]
     deployed = DeployedModel(str(tmp_path))
     assert [i.name for i in deployed.model.get_inputs()] == ["image"]
@@ -276,6 +292,6 @@ def test_onnx_without_the_extra_says_what_to_install(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--format onnx needs onnx and onnxruntime" in proc.stderr
-    assert "pip install 'dkd_det[deploy]'" in proc.stderr and "make setup-deploy" in proc.stderr
+    assert "pip install 'dkd_det[deploy]'" in proc.stderr and "make setup" in proc.stderr
     assert "missing.pth" not in proc.stderr  # it failed before looking at the weights
     assert not (tmp_path / "out").exists()

@@ -41,16 +41,25 @@ def _student(config, *opts):
     return cfg, model
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test, the previous count restored afterwards: other tests'
+    results must not depend on the order they run in."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["trace", "script", "onnx"])
 @pytest.mark.parametrize("config", [R50, MV2], ids=["R-50", "MobileNetV2"])
-def test_students_export_to_every_format(config, how, tmp_path):
+def test_students_export_to_every_format(config, how, tmp_path, two_threads):
     from dkd_det.export import DeployedModel, export_deployable, sample_inputs
 
     if how == "onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnx")
-    torch.set_num_threads(2)
     cfg, model = _student(config)
     # Two shapes (the 0.3x shrink is tested below, on R-18).
     inputs = sample_inputs(cfg, num_random=1, shrink=None)

@@ -12,7 +12,8 @@ are known, OUTPUT/metadata.json (which tools/demo.py reads). Vanilla detectron2 
     model = build_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
 
 --format torchscript (traced; --torchscript-method script to script it) or --format onnx
-(opset 16, needs the deploy extra) writes OUTPUT/model.ts or OUTPUT/model.onnx and
+(opset 17, torch's TorchScript-based exporter, needs the deploy extra) writes OUTPUT/model.ts
+or OUTPUT/model.onnx and
 OUTPUT/deploy.json (input format, pixel mean/std, size limits, output names, class names),
 then checks that the file gives the PyTorch student's detections (a Mask R-CNN's masks too, by
 mask IoU, --mask-iou-tol) on --check-images (default:
@@ -173,7 +174,11 @@ def main(argv=None):
         "or scripting_with_instances (input: a tuple of {'image': tensor})",
     )
     parser.add_argument(
-        "--opset", type=int, default=ONNX_OPSET, help="ONNX opset (16+: ROIAlignV2 is exact)"
+        "--opset",
+        type=int,
+        default=ONNX_OPSET,
+        help=f"ONNX opset (default {ONNX_OPSET}; 16+: ROIAlignV2 is exact; torch 2.3 writes at "
+        "most 17 correctly, current torch 20)",
     )
     parser.add_argument(
         "--check-images",

@@ -16,6 +16,7 @@ detectron2 does and compares them by mask IoU.
 """
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "DEPLOY_FILE",
     "DEPLOY_FORMATS",
     "DEPLOY_EXTRA_HINT",
+    "ONNX_EXPORTER",
     "ONNX_OPSET",
     "DeployCheckError",
     "DeployedModel",
@@ -72,11 +74,19 @@ _FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 # detectron2 pools with ROIAlignV2 (aligned=True: pixel centres at +0.5). ONNX's RoiAlign has
 # no such mode before opset 16 (coordinate_transformation_mode="half_pixel" is new in 16), so
 # torchvision exports it at opset 11 as aligned=False with a warning: every pooled region is
-# off by half a feature-map pixel and the boxes differ by tens of pixels. Opset 16 is exact.
-ONNX_OPSET = 16
+# off by half a feature-map pixel and the boxes differ by tens of pixels. Opset 16 is exact,
+# and so is 17, the default: the newest opset that the TorchScript-based exporter writes
+# correctly on every supported torch (torch 2.3's writes ReduceMax with an ``axes`` attribute
+# at opset 18, which the ONNX checker refuses; current torch's goes up to 20).
+ONNX_OPSET = 17
+# torch.onnx.export's exporter: the TorchScript-based one ("legacy", ``dynamo=False``), chosen
+# explicitly because torch >= 2.9 defaults to the dynamo one (torch.export), which cannot
+# capture a detectron2 R-CNN: its data-dependent branches (the first at detectron2's
+# proposal_utils.py, ``if not valid_mask.all():`` in find_top_rpn_proposals) stop torch.export.
+ONNX_EXPORTER = "legacy"
 DEPLOY_EXTRA_HINT = (
-    "pip install 'dkd_det[deploy]' (or `make setup-deploy`, which installs "
-    "requirements-deploy.txt into .venv)"
+    "pip install 'dkd_det[deploy]' (`make setup` installs it into .venv with the stack's pins, "
+    "requirements/)"
 )
 
 
@@ -359,6 +369,9 @@ def export_torchscript(
             output the tuple ``outputs``) or "script" (``scripting_with_instances``: input a
             tuple of ``{"image": tensor}``, output a list of dicts of the same names).
 
+    torch.jit (trace, script, save, load) is deprecated in current torch (a FutureWarning,
+    not silenced here); it still works, and it is kept while torch ships it.
+
     Returns:
         {"method", "outputs": names of the outputs, in order}.
     """
@@ -387,7 +400,8 @@ def export_torchscript(
 def export_onnx(
     model: torch.nn.Module, sample: torch.Tensor, path: str, opset: int = ONNX_OPSET
 ) -> Dict:
-    """Write the student as ONNX (traced through ``TracingAdapter``) to ``path``: input
+    """Write the student as ONNX (traced through ``TracingAdapter`` by torch's
+    TorchScript-based exporter, ``dynamo=False``: see ``ONNX_EXPORTER``) to ``path``: input
     ``image`` (3, height, width) with dynamic height and width, outputs as in
     :func:`export_torchscript`'s trace.
 
@@ -415,8 +429,18 @@ def export_onnx(
         input_names=["image"],
         output_names=names,
         dynamic_axes=axes,
+        **_legacy_exporter(),
     )
-    return {"opset": opset, "outputs": names}
+    return {"opset": opset, "exporter": ONNX_EXPORTER, "outputs": names}
+
+
+def _legacy_exporter() -> Dict:
+    """torch.onnx.export's argument that selects the TorchScript-based exporter (see
+    ``ONNX_EXPORTER``): ``dynamo=False`` where torch has the choice (the default from 2.9
+    is dynamo), nothing on older torch, whose only exporter it is."""
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        return {"dynamo": False}
+    return {}
 
 
 class DeployedModel:
