@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import urllib.request
 
 import pytest
 import torch
@@ -290,6 +291,57 @@ def test_converter_output_and_exported_student_load(tmp_path):
         torch.testing.assert_close(reloaded.state_dict()[name], value, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["pth", "legacy"])
+def test_torch_files_with_numpy_arrays_load(kind, tmp_path):
+    """numpy arrays, dtypes and scalars in a torch.save file (numpy 2 pickles a dtype's state onto
+    its numpy.dtypes class) load as they were saved; torch's wider default list is not allowed."""
+    import collections
+
+    import numpy as np
+
+    from dkd_det.checkpoint import UnsafeFileError, load_weights_file
+
+    arrays = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "u": np.array([1, 2], np.uint8)}
+    data = {"model": {"w": torch.ones(2)}, "arrays": arrays, "dtype": np.dtype("int64")}
+    data.update(scalar=np.float64(2.5), text=np.array(["ab"]), iteration=3)
+    path = str(tmp_path / "numpy.pth")
+    torch.save(data, path, _use_new_zipfile_serialization=kind == "pth")
+    loaded = load_weights_file(path, "MODEL.WEIGHTS")
+    for name, array in arrays.items():
+        assert loaded["arrays"][name].dtype == array.dtype
+        np.testing.assert_array_equal(loaded["arrays"][name], array)
+    assert loaded["dtype"] == np.dtype("int64") and loaded["scalar"] == 2.5
+    assert loaded["text"][0] == "ab" and loaded["iteration"] == 3
+    torch.testing.assert_close(loaded["model"]["w"], torch.ones(2), rtol=0, atol=0)
+    # In torch's default weights-only list, not in dkd-det's: refused, naming the global.
+    torch.save({"counts": collections.Counter(a=1)}, path)
+    with pytest.raises(UnsafeFileError, match="would call collections.Counter, which"):
+        load_weights_file(path, "MODEL.WEIGHTS")
+
+
+def test_torch_force_weights_only_load_does_not_break_loading(
+    tmp_path, marker, monkeypatch, teacher_weights
+):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch.load refuse an explicit pickle module: the
+    restricted loads work the same with it set (and hostile files are still refused)."""
+    from dkd_det.checkpoint import StrictCheckpointer, UnsafeFileError, load_weights_file
+
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    StrictCheckpointer(build_model(make_cfg(R18))).load(teacher_weights)
+    legacy = str(tmp_path / "legacy.pth")
+    torch.save(torch.load(teacher_weights), legacy, _use_new_zipfile_serialization=False)
+    assert set(load_weights_file(legacy, "MODEL.WEIGHTS")["model"]) == set(
+        torch.load(teacher_weights)["model"]
+    )
+    for kind in ("pth", "legacy"):
+        path = _hostile(tmp_path, marker, kind)
+        with pytest.raises(UnsafeFileError) as e:
+            load_weights_file(path, "MODEL.WEIGHTS")
+        _refused(e.value, path, "MODEL.WEIGHTS")
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"  # left as the user set it
+
+
 def test_torchscript_archive_and_tar_are_not_checkpoints(tmp_path):
     """torch.load would hand a TorchScript archive to torch.jit.load and extract a tar to disk."""
     import tarfile
@@ -531,7 +583,10 @@ def test_torchvision_name_hash_of_local_files(tmp_path, monkeypatch):
 @pytest.fixture
 def https_server(tmp_path, monkeypatch):
     """(folder, base URL): an https server on 127.0.0.1 with a self-signed certificate that this
-    process trusts (SSL_CERT_FILE); detectron2's PathManager caches downloads in tmp_path."""
+    process trusts; detectron2's PathManager caches downloads in tmp_path. urllib's global
+    opener (which fvcore's download uses) makes its HTTPS context once, when first used (Python
+    3.12 and later): SSL_CERT_FILE would come too late after another test's urlopen, so an
+    opener trusting the certificate is installed for the test, and urllib's own rebuilt after."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is needed to make the test server's certificate")
@@ -563,9 +618,16 @@ def https_server(tmp_path, monkeypatch):
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "*")
-    yield root, f"https://localhost:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    context = ssl.create_default_context(cafile=cert)
+    urllib.request.install_opener(
+        urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+    )
+    try:
+        yield root, f"https://localhost:{server.server_address[1]}"
+    finally:
+        urllib.request.install_opener(None)  # the next urlopen builds the default opener
+        server.shutdown()
+        server.server_close()
 
 
 def test_downloaded_files_are_checked_and_a_bad_one_deleted(https_server, teacher_weights):

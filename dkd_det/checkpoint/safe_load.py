@@ -8,11 +8,16 @@ file names. Here:
 
 - a detectron2 ``.pkl`` is unpickled allowing only what a dict of numpy arrays needs
   (:data:`PICKLE_GLOBALS`);
-- a ``torch.save`` file is read by ``torch.load`` with a pickle module whose unpickler allows only
-  tensors, storages, dtypes, the containers and plain values of detectron2's checkpoints (model,
-  optimizer, scheduler, iteration; :data:`TORCH_GLOBALS`). The refusal is this module's
-  ``find_class``, not torch's ``weights_only`` (which has a known bypass up to torch 2.5.1,
-  CVE-2025-32434);
+- a ``torch.save`` file may name only the globals of detectron2's checkpoints (model, optimizer,
+  scheduler, iteration: tensors, storages, dtypes, numpy arrays, containers and plain values;
+  :data:`TORCH_GLOBALS`). On torch >= 2.6 it is read by torch's own weights-only unpickler
+  (``torch.load(weights_only=True)``, this list added with ``torch.serialization.safe_globals``)
+  after a scan of its pickle has refused any global outside the list (torch's default list has
+  more: sparse, quantized and nested tensors, legacy tensor classes, ``collections.Counter``).
+  Before 2.6 torch's ``weights_only`` has a known bypass (CVE-2025-32434), so there it is read by
+  ``torch.load`` with this module's restricted unpickler, whose ``find_class`` refuses the rest,
+  and a user's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` (which makes torch refuse any pickle module)
+  is set aside for that call;
 - a config (and its ``_BASE_`` chain) is parsed with ``yaml.safe_load``; a python tag is an error
   that names the file and the line;
 - a LazyConfig ``.py`` file is Python code, never read as data: it is refused unless it is one of
@@ -23,15 +28,20 @@ unpickled without restriction and configs may use python tags, and the log says 
 naming the file) each time.
 """
 
+import contextlib
 import hashlib
+import importlib
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 import tarfile
 import types
+import warnings
 import zipfile
-from typing import Any, FrozenSet, Optional, Tuple
+from typing import Any, FrozenSet, Iterator, Optional, Tuple
 
 import torch
 import yaml
@@ -173,6 +183,111 @@ def _torch_pickle_module() -> types.ModuleType:
 
 _TORCH_PICKLE = _torch_pickle_module()
 
+# torch's weights-only unpickler has no known bypass from 2.6 on (CVE-2025-32434: up to 2.5.1).
+_TORCH_WEIGHTS_ONLY = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def _torch_safe_globals() -> list:
+    """What torch's weights-only unpickler needs beyond its defaults to read what
+    :data:`TORCH_GLOBALS` allows: each global, under the name a file writes (numpy 1 writes
+    ``numpy.core.*``, which numpy 2 has moved to ``numpy._core``), and numpy's dtype classes
+    (numpy 2's ``numpy.dtypes.Float32DType``, ...), which a pickled dtype's BUILD sets state on.
+    Which names a file may use is decided by :func:`_torch_file_globals`'s scan, not by this."""
+    import numpy as np
+
+    safe = [type(np.dtype(code)) for code in np.typecodes["All"]]
+    with warnings.catch_warnings():  # numpy 2's numpy.core shim
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module, name in sorted(TORCH_GLOBALS):
+            for where in (module.replace("numpy.core", "numpy._core"), module):
+                try:
+                    safe.append((getattr(importlib.import_module(where), name), f"{module}.{name}"))
+                    break
+                except (ImportError, AttributeError):  # __builtin__ (torch maps it), old numpy
+                    pass
+    return safe + [(torch._tensor._rebuild_from_type_v2, "torch.tensor._rebuild_from_type_v2")]
+
+
+def _torch_file_globals(path: str) -> Iterator[Tuple[str, str]]:
+    """(module, name) of every global that the pickles ``torch.load`` reads from ``path`` name,
+    in file order, as torch.load's own unpickler (which the restricted one subclasses) hands
+    them to ``find_class``: a zip's ``data.pkl`` (its ``torch.tensor`` read as ``torch._tensor``,
+    torch 1.8's rename), a legacy file's five pickles (magic number, protocol, system info, the
+    object, the storage keys). A global named by means the scan cannot follow is an
+    UnpicklingError (torch's weights-only unpickler refuses them all: it reads protocol 2)."""
+    if _starts_as_zip(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if len(set(names)) != len(names):  # which copy would torch read?
+                raise pickle.UnpicklingError(f"{path!r} is a zip with duplicate entries")
+            f, count = io.BytesIO(z.read(names[0].split("/")[0] + "/data.pkl")), 1
+        renamed = {"torch.tensor": "torch._tensor"}
+    else:
+        f, count, renamed = open(path, "rb"), 5, {}
+    with f:
+        for _ in range(count):
+            # What the last operations pushed: a string, or None for anything else; STACK_GLOBAL
+            # (protocol 4) takes its module and name from the two strings pushed last.
+            pushed, memo = [None, None], {}
+            for opcode, arg, _ in pickletools.genops(f):
+                op = opcode.name
+                if op in ("GLOBAL", "INST"):
+                    module, name = arg.split(" ", 1)
+                    yield renamed.get(module, module), name
+                elif op == "STACK_GLOBAL" and all(isinstance(s, str) for s in pushed[-2:]):
+                    yield renamed.get(pushed[-2], pushed[-2]), pushed[-1]
+                elif op in ("STACK_GLOBAL", "OBJ", "EXT1", "EXT2", "EXT4"):
+                    raise pickle.UnpicklingError(f"{op} naming an unknown global")
+                if op in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op == "MEMOIZE" else arg] = pushed[-1]
+                elif op in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                else:
+                    pushed.append(arg if "UNICODE" in op else None)
+
+
+def _is_storage_type(name: str) -> bool:
+    # torch.load's find_class resolves such a name to a storage type before the unpickler's own.
+    try:
+        return "Storage" in name and bool(torch.serialization.StorageType(name))
+    except KeyError:
+        return False
+
+
+@contextlib.contextmanager
+def _env_without(name: str):
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
+def _load_torch_restricted(path: str) -> Any:
+    if not _TORCH_WEIGHTS_ONLY:
+        # torch < 2.6: its weights_only is not safe; TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 would make
+        # torch refuse the pickle module that is (and is stricter than torch's weights_only).
+        with _env_without(_FORCE_WEIGHTS_ONLY):
+            return torch.load(
+                path, map_location="cpu", pickle_module=_TORCH_PICKLE, weights_only=False
+            )
+    unread = None
+    try:
+        for module, name in _torch_file_globals(path):  # refused in file order, as find_class
+            if (module, name) not in TORCH_GLOBALS and not _is_storage_type(name):
+                raise _RefusedGlobal(module, name)
+    except _RefusedGlobal:
+        raise
+    except Exception as e:  # not a pickle: torch.load names the problem (if it reads the file
+        unread = e  # after all, that is an error too: nothing unchecked is returned)
+    with torch.serialization.safe_globals(_torch_safe_globals()):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if unread is not None:
+        raise unread
+    return data
+
 
 def _refused(path: str, key: str, e: _RefusedGlobal, allowed: str) -> UnsafeFileError:
     return UnsafeFileError(
@@ -247,7 +362,7 @@ def load_torch_file(path: str, key: str) -> Any:
         _warn_trusted(path, key, "unrestricted torch.load(weights_only=False)")
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_TORCH_PICKLE, weights_only=False)
+        return _load_torch_restricted(path)
     except _RefusedGlobal as e:
         raise _refused(
             path, key, e, "tensors, numpy arrays, dicts, lists and plain values"
