@@ -362,9 +362,15 @@ def test_gradients_reach_student_and_training_only_modules_never_teacher(four):
         if name == "mgd":
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in term.parameters())
         if name == "fgd":
-            # W_v2 starts at zero (the GcBlocks start as the identity): only it has a gradient
+            # W_v2 starts at zero (the GcBlocks start as the identity): only it has a gradient.
+            # The context's (W_k's) reaches it through W_v2's input gradient W_v2^T g, zero in
+            # exact arithmetic; a backend's fused or reordered float32 kernels may leave rounding
+            # there (a few ulps, ~1e-7 relative, of the terms they summed). 1e-5 of W_v2's own
+            # gradient admits that and nothing else: a W_k really in the graph would get a
+            # gradient of W_v2's order.
             gc = term.blocks["p2"].gc_student
-            assert gc.w_v2.weight.grad.abs().sum() > 0 and gc.w_k.weight.grad.abs().sum() == 0
+            v2 = gc.w_v2.weight.grad.abs().sum()
+            assert v2 > 0 and gc.w_k.weight.grad.abs().sum() <= 1e-5 * v2
     # once W_v2 has moved, every FGD parameter gets a gradient
     fgd = model.distill_terms["fgd"]
     for block in fgd.blocks.values():
