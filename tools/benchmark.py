@@ -173,7 +173,7 @@ def benchmark_pair(config_file: str, args, workdir: str) -> Dict:
         optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9
         )
-        scaler = torch.cuda.amp.GradScaler(enabled=args.amp and args.device.startswith("cuda"))
+        scaler = torch.amp.GradScaler("cuda", enabled=args.amp and args.device.startswith("cuda"))
 
         def step(model=model, optimizer=optimizer, scaler=scaler):
             model.train()

@@ -103,8 +103,15 @@ def bootstrap_ap(
     workers = max(1, min(workers, num))
     if workers == 1:
         return {"ap": _resampled_aps(gt_json, results, picks), "num_images": num_imgs}
-    # fork: the children need no re-import; they run pycocotools and numpy only.
-    context = multiprocessing.get_context("fork")
+    # Not fork: this process has threads (torch's, the caller's), and a forked child may inherit
+    # a lock that one of them held (Python 3.12 warns). A forkserver imports this module once
+    # (torch and detectron2 with it: seconds) and forks the workers from that single-threaded
+    # process; they get only the file names and the draws, and run pycocotools and numpy.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+    else:
+        context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         shares = [
             pool.submit(_resampled_aps, gt_json, results, [picks[i] for i in chunk])
